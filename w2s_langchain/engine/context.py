@@ -1,0 +1,430 @@
+"""A llama.cpp context holding many branches of one prompt in a unified KV cache.
+
+A `Branch` is a token sequence the caller grows. While it is *resident* it owns
+one llama.cpp sequence id, and the KV cache holds its first `n_cached` tokens.
+Forking shares the parent's cells (`llama_memory_seq_cp` with a unified KV cache
+only tags cells), so a prefix is stored and computed once however many branches
+continue it.
+
+Every operation is the same plan: for each branch, decode the tokens the cache
+lacks, in one `llama_decode` for all branches (split at `n_batch`), and read the
+logits rows asked for. Because of that one plan, a branch that was evicted to
+make room is rebuilt by the next operation that touches it: it copies the longest
+prefix any resident branch still holds and decodes the rest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+from ..errors import ContextFullError, ContextOverflowError, DecodeError
+from .model import Model
+from .sampling import log_softmax_at
+
+_DECODE_NO_KV_SLOT = 1
+# llama.cpp's hard limit on threads (GGML_MAX_N_THREADS).
+_MAX_THREADS = 512
+
+
+class Branch:
+    """One token sequence in a `Context`. Create with `Context.new_branch` or
+    `Context.fork`; grow with `extend` and `score`; end with `release`."""
+
+    __slots__ = ("_tokens", "_seq", "_n_cached", "_last_used", "_released", "__weakref__")
+
+    def __init__(self, tokens: list[int]):
+        self._tokens = tokens
+        self._seq: int | None = None
+        self._n_cached = 0
+        self._last_used = 0
+        self._released = False
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def resident(self) -> bool:
+        """Whether the branch holds a sequence id (its prefix sits in the KV cache)."""
+        return self._seq is not None
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else f"seq={self._seq}, cached={self._n_cached}"
+        return f"Branch(len={len(self._tokens)}, {state})"
+
+
+@dataclass
+class _Job:
+    """One branch's part of a decode: the tokens it gains and the logits it needs.
+
+    Rows are wanted at positions `first_output .. len(tokens) - 1`; the row at
+    position i predicts token i + 1.
+    """
+
+    branch: Branch
+    tokens: list[int]
+    first_output: int
+    logprobs: bool  # True: log p(tokens[i + 1]) per row; False: the raw rows
+    start: int = 0  # first position to decode, set by the plan
+
+    def wants_row(self, pos: int) -> bool:
+        if self.logprobs:  # the last token predicts nothing that is scored
+            return self.first_output <= pos < len(self.tokens) - 1
+        return pos >= self.first_output
+
+
+@dataclass
+class ContextStats:
+    """What a context has done so far."""
+
+    decode_calls: int = 0
+    """Calls to llama_decode (a retry after eviction counts again)."""
+    tokens_decoded: int = 0
+    """Tokens pushed through the model."""
+    evictions: int = 0
+    """Branches evicted to free a sequence id or KV cells."""
+
+
+class Context:
+    """Many branches of text over one loaded model, sharing a unified KV cache.
+
+    Settings (llama.cpp's names): `n_ctx` KV cells for all branches together
+    (default min(2048, training context); llama.cpp rounds it up to a multiple
+    of 256), `n_batch` most tokens per llama_decode (default min(512, n_ctx)),
+    `n_threads` (default half the CPUs), `n_seq_max` branches resident at once
+    (more are evicted and rebuilt on use), `flash_attn`, and `seed` for `rng`,
+    the generator the caller samples with.
+
+    All methods are thread-safe: one lock per context serializes them.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
+        n_threads: int | None = None,
+        n_seq_max: int = 64,
+        flash_attn: bool = False,
+        seed: int | None = None,
+    ):
+        n_threads = n_threads if n_threads is not None else max(1, (os.cpu_count() or 2) // 2)
+        n_ctx = n_ctx if n_ctx is not None else min(2048, model.n_ctx_train)
+        _check_int_range("n_ctx", n_ctx, 16, model.n_ctx_train, "the model's training context")
+        n_batch = n_batch if n_batch is not None else min(512, n_ctx)
+        _check_int_range("n_batch", n_batch, 1, n_ctx, "n_ctx")
+        _check_int_range("n_threads", n_threads, 1, _MAX_THREADS, "llama.cpp's thread limit")
+        max_seq = llama_cpp.llama_max_parallel_sequences()
+        _check_int_range("n_seq_max", n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        # llama.cpp reserves one output per sequence when it builds its graphs.
+        params.n_outputs_max = max(n_batch, n_seq_max)
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.kv_unified = True  # shared prefixes; see ENGINE_NOTES.md
+        # Off by default: on CPU, flash attention accumulates in F16, so the same
+        # token scored in a batch of many branches and alone differs more
+        # (measured: 0.007 vs 0 in log-prob on an F32 model), at no speed gain.
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.no_perf = True
+        handle = llama_cpp.llama_init_from_model(model.handle, params)
+        if not handle:
+            raise ContextFullError(
+                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
+                "probably not enough memory; lower n_ctx or n_batch."
+            )
+        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._finalizer = weakref.finalize(self, _free_context, handle, batch)
+
+        self.model = model
+        self.n_ctx = llama_cpp.llama_n_ctx(handle)
+        self.n_batch = n_batch
+        self.n_threads = n_threads
+        self.n_seq_max = n_seq_max
+        self.rng = np.random.default_rng(seed)
+        self.stats = ContextStats()
+        self._handle = handle
+        self._memory = llama_cpp.llama_get_memory(handle)
+        self._batch = batch
+        self._batch_tokens = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
+        self._batch_pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
+        self._batch_wants_logits = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))[:] = 1
+        self._batch_seq_slots = [batch.seq_id[i] for i in range(n_batch)]
+        self._free_seqs = list(range(n_seq_max - 1, -1, -1))
+        self._resident: dict[int, Branch] = {}
+        self._clock = 0
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"Context({self.model!r}, n_ctx={self.n_ctx}, resident={len(self._resident)}/{self.n_seq_max})"
+
+    # --- branches -------------------------------------------------------------
+
+    def new_branch(self, tokens: list[int]) -> Branch:
+        """A branch holding `tokens` (decoded lazily, by the first operation on it)."""
+        tokens = list(tokens)
+        self._check_tokens(tokens, 0)
+        return Branch(tokens)
+
+    def fork(self, branch: Branch, n_tokens: int | None = None) -> Branch:
+        """A new branch holding the first `n_tokens` of `branch` (all by default),
+        sharing its cached cells."""
+        with self._lock:
+            self._check_live(branch)
+            n = len(branch) if n_tokens is None else n_tokens
+            if not 0 <= n <= len(branch):
+                raise ValueError(f"cannot fork {n} tokens of a branch of {len(branch)}")
+            child = Branch(branch._tokens[:n])
+            shared = min(n, branch._n_cached) if branch.resident else 0
+            if shared:
+                self._take_seq(child, protected=(branch,))
+                self._copy_cells(branch, child, shared)
+            return child
+
+    def release(self, branch: Branch) -> None:
+        """Free the branch's sequence id; cells it shared with others stay theirs."""
+        with self._lock:
+            if not branch._released:
+                self._drop(branch)
+                branch._released = True
+
+    # --- decoding -------------------------------------------------------------
+
+    def extend(self, branches: list[Branch], tokens: list[int]) -> np.ndarray:
+        """Append one token to each branch, decoding all of them in one batch.
+        Returns each branch's next-token logits, shape (len(branches), n_vocab)."""
+        if len(tokens) != len(branches):
+            raise ValueError(f"extend got {len(branches)} branches but {len(tokens)} tokens")
+        jobs = [_Job(b, b._tokens + [int(t)], len(b), logprobs=False) for b, t in zip(branches, tokens)]
+        return np.stack(self._run(jobs))
+
+    def next_logits(self, branches: list[Branch]) -> np.ndarray:
+        """Next-token logits at the end of each branch, shape (len(branches), n_vocab).
+        Costs one re-decoded token per branch that is already cached."""
+        for b in branches:
+            if not len(b):
+                raise ValueError("an empty branch has no next-token logits: start it with at least one token")
+        jobs = [_Job(b, b._tokens, len(b) - 1, logprobs=False) for b in branches]
+        return np.stack(self._run(jobs))
+
+    def score(self, branches: list[Branch], spans: list[list[int]]) -> list[np.ndarray]:
+        """Append `spans[i]` to `branches[i]` and return the log-probability of each
+        appended token given everything before it (plain softmax), all in one batch.
+        Costs the span plus the branch's last token (re-decoded for its logits)."""
+        if len(spans) != len(branches):
+            raise ValueError(f"score got {len(branches)} branches but {len(spans)} spans")
+        jobs = []
+        for b, span in zip(branches, spans):
+            if not len(b):
+                raise ValueError("cannot score a span at the start of an empty branch: it needs a preceding token")
+            jobs.append(_Job(b, b._tokens + [int(t) for t in span], len(b) - 1, logprobs=True))
+        return [np.asarray(lp, dtype=np.float64) for lp in self._run(jobs)]
+
+    # --- inspection -----------------------------------------------------------
+
+    def kv_cells_used(self) -> int:
+        """KV cells in use, as llama.cpp counts them (shared cells count once)."""
+        with self._lock:
+            return _cells_in_state(self)
+
+    @property
+    def n_resident(self) -> int:
+        """Branches that hold a sequence id right now."""
+        return len(self._resident)
+
+    # --- the plan -------------------------------------------------------------
+
+    def _run(self, jobs: list[_Job]) -> list:
+        with self._lock:
+            protected = tuple(job.branch for job in jobs)
+            if len({id(b) for b in protected}) < len(protected):
+                raise ValueError("a branch may appear only once per operation")
+            for job in jobs:
+                self._check_live(job.branch)
+                self._check_tokens(job.tokens, len(job.branch))
+            for job in jobs:
+                self._prepare(job, protected)
+            entries = [
+                (j, pos)
+                for j, job in enumerate(jobs)
+                for pos in range(job.start, len(job.tokens))
+            ]
+            results: list[list] = [[] for _ in jobs]
+            try:
+                for lo in range(0, len(entries), self.n_batch):
+                    self._decode_chunk(jobs, entries[lo : lo + self.n_batch], results, protected)
+            except BaseException:
+                # Earlier chunks may have landed: cut every branch back to what
+                # it held before, so its tokens and its cells agree again.
+                for job in jobs:
+                    if job.branch.resident:
+                        llama_cpp.llama_memory_seq_rm(self._memory, job.branch._seq, job.start, -1)
+                raise
+            for job in jobs:
+                job.branch._tokens = job.tokens
+                job.branch._n_cached = len(job.tokens)
+            return [r[0] if not job.logprobs else r for r, job in zip(results, jobs)]
+
+    def _prepare(self, job: _Job, protected: tuple[Branch, ...]) -> None:
+        """Make the branch resident and decide where its decode starts."""
+        branch = job.branch
+        if not branch.resident:
+            donor, shared = self._longest_cached_prefix(branch)
+            # Make room without evicting the donor, unless only the donor can go.
+            if donor is not None and not self._free_seqs and not self._evict_one(protected + (donor,)):
+                donor, shared = None, 0
+            self._take_seq(branch, protected)
+            if shared:
+                self._copy_cells(donor, branch, shared)
+        job.start = min(branch._n_cached, job.first_output)
+        self._truncate(branch, job.start)
+
+    def _decode_chunk(self, jobs, chunk, results, protected) -> None:
+        for i, (j, pos) in enumerate(chunk):
+            job = jobs[j]
+            self._batch_tokens[i] = job.tokens[pos]
+            self._batch_pos[i] = pos
+            self._batch_seq_slots[i][0] = job.branch._seq
+            self._batch_wants_logits[i] = job.wants_row(pos)
+        self._batch.n_tokens = len(chunk)
+        while True:
+            self.stats.decode_calls += 1
+            status = llama_cpp.llama_decode(self._handle, self._batch)
+            if status == 0:
+                break
+            if status == _DECODE_NO_KV_SLOT and self._evict_one(protected):
+                continue
+            if status == _DECODE_NO_KV_SLOT:
+                raise ContextFullError(
+                    f"the KV cache ({self.n_ctx} cells) is full with {len(protected)} branches in one "
+                    "operation and nothing left to evict: raise n_ctx or work on fewer branches at once."
+                )
+            raise DecodeError(f"llama_decode failed with status {status}")
+        self.stats.tokens_decoded += len(chunk)
+        n_vocab = self.model.n_vocab
+        for i, (j, pos) in enumerate(chunk):
+            job = jobs[j]
+            if not job.wants_row(pos):
+                continue
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._handle, i), shape=(n_vocab,))
+            results[j].append(log_softmax_at(row, job.tokens[pos + 1]) if job.logprobs else row.copy())
+
+    # --- sequence ids and cells -----------------------------------------------
+
+    def _take_seq(self, branch: Branch, protected: tuple[Branch, ...]) -> None:
+        if not self._free_seqs and not self._evict_one(protected):
+            raise ContextFullError(
+                f"all {self.n_seq_max} sequence ids are in use by branches of this operation: "
+                "raise n_seq_max or work on fewer branches at once."
+            )
+        branch._seq = self._free_seqs.pop()
+        branch._n_cached = 0
+        self._resident[branch._seq] = branch
+        self._touch(branch)
+
+    def _drop(self, branch: Branch) -> None:
+        if branch._seq is None:
+            return
+        llama_cpp.llama_memory_seq_rm(self._memory, branch._seq, -1, -1)
+        del self._resident[branch._seq]
+        self._free_seqs.append(branch._seq)
+        branch._seq = None
+        branch._n_cached = 0
+
+    def _evict_one(self, protected: tuple[Branch, ...]) -> bool:
+        """Evict the least recently used branch outside `protected`."""
+        keep = {id(b) for b in protected}
+        victims = [b for b in self._resident.values() if id(b) not in keep]
+        if not victims:
+            return False
+        self._drop(min(victims, key=lambda b: b._last_used))
+        self.stats.evictions += 1
+        return True
+
+    def _copy_cells(self, src: Branch, dst: Branch, n: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, dst._seq, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, src._seq, dst._seq, 0, n)
+        dst._n_cached = n
+        self._touch(src)
+
+    def _truncate(self, branch: Branch, n: int) -> None:
+        if branch._seq is not None and n < branch._n_cached:
+            llama_cpp.llama_memory_seq_rm(self._memory, branch._seq, n, -1)
+            branch._n_cached = n
+        self._touch(branch)
+
+    def _longest_cached_prefix(self, branch: Branch) -> tuple[Branch | None, int]:
+        """The resident branch whose cached tokens share the longest prefix with `branch`."""
+        best, best_n = None, 0
+        target = np.asarray(branch._tokens)
+        for other in self._resident.values():
+            n = min(other._n_cached, len(target))
+            if other is branch or n <= best_n:
+                continue
+            diff = np.flatnonzero(np.asarray(other._tokens[:n]) != target[:n])
+            shared = int(diff[0]) if diff.size else n
+            if shared > best_n:
+                best, best_n = other, shared
+        return best, best_n
+
+    def _touch(self, branch: Branch) -> None:
+        self._clock += 1
+        branch._last_used = self._clock
+
+    # --- checks ---------------------------------------------------------------
+
+    def _check_live(self, branch: Branch) -> None:
+        if branch._released:
+            raise ValueError("this branch was released; fork a live branch instead")
+
+    def _check_tokens(self, tokens: list[int], n_old: int) -> None:
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"a sequence of {len(tokens)} tokens does not fit the context of {self.n_ctx}: "
+                "raise n_ctx (up to the model's training context) or shorten the prompt."
+            )
+        new = np.asarray(tokens[n_old:], dtype=np.int64)
+        if new.size and (new.min() < 0 or new.max() >= self.model.n_vocab):
+            raise ValueError(f"token ids must be in 0..{self.model.n_vocab - 1}")
+
+
+def _check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer from {lo} to {hi} ({hi_name}), got {value!r}")
+
+
+def _free_context(handle, batch) -> None:
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(handle)
+
+
+def _cells_in_state(context: Context) -> int:
+    """Used KV cells, read from the header of llama.cpp's serialized state of all
+    sequences: (magic, seq_id = -1, n_stream, cell_count of stream 0, ...).
+    A unified KV cache has one stream. Copies the whole cache: for tests and
+    inspection, not for hot paths."""
+    size = llama_cpp.llama_state_seq_get_size(context._handle, -1)
+    buf = (ctypes.c_uint8 * size)()
+    llama_cpp.llama_state_seq_get_data(context._handle, buf, size, -1)
+    _magic, _seq, n_stream, cell_count = np.frombuffer(bytes(buf[:16]), dtype=np.uint32)
+    assert n_stream == 1, "a unified KV cache has a single stream"
+    return int(cell_count)

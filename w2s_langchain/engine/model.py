@@ -1,0 +1,213 @@
+"""A GGUF model loaded once per process through llama.cpp's low-level API.
+
+`load_model` returns the same `Model` for the same file and load settings for as
+long as anybody holds it, so every context (and every LangChain object built on
+top) shares one copy of the weights. The weights are freed exactly once, when the
+last holder lets go.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from ..errors import ModelLoadError
+from ..registry import resolve_model
+
+# --- llama.cpp's log ----------------------------------------------------------------
+# llama.cpp reports why a load failed only in its log, so we keep the last lines
+# to put into our error messages, and hand everything to Python logging at DEBUG
+# (set the "w2s_langchain.llama_cpp" logger to DEBUG to see it).
+
+_log = logging.getLogger("w2s_langchain.llama_cpp")
+_recent_log_lines: collections.deque[str] = collections.deque(maxlen=40)
+_GGML_LOG_CONT = 5
+
+
+@llama_cpp.llama_log_callback
+def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace")
+    if level == _GGML_LOG_CONT and _recent_log_lines:
+        _recent_log_lines[-1] += line
+    else:
+        _recent_log_lines.append(line)
+    _log.debug("%s", line.rstrip("\n"))
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def _log_tail(n: int = 4) -> str:
+    lines = [line.strip() for line in list(_recent_log_lines)[-n:] if line.strip()]
+    return " | ".join(lines)
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How llama.cpp loads the weights (the settings users know from llama.cpp)."""
+
+    n_gpu_layers: int = 0
+    """Layers to offload to the GPU (Metal, CUDA, ...); -1 offloads all of them."""
+    use_mmap: bool = True
+    """Map the file into memory instead of reading it."""
+    use_mlock: bool = False
+    """Ask the OS to keep the weights in RAM (never swapped out)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_gpu_layers, int) or self.n_gpu_layers < -1:
+            raise ValueError(
+                f"n_gpu_layers must be an integer >= -1 (-1 = all layers), got {self.n_gpu_layers!r}"
+            )
+
+    def load_mode(self) -> int:
+        if self.use_mmap and self.use_mlock:
+            return llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
+        if self.use_mmap:
+            return llama_cpp.LLAMA_LOAD_MODE_MMAP
+        if self.use_mlock:
+            return llama_cpp.LLAMA_LOAD_MODE_MLOCK
+        return llama_cpp.LLAMA_LOAD_MODE_NONE
+
+
+_GGUF_MAGIC = b"GGUF"
+_loaded: weakref.WeakValueDictionary[tuple[str, LoadSettings], Model] = weakref.WeakValueDictionary()
+_loaded_lock = threading.Lock()
+
+
+def load_model(name_or_path: str | Path, settings: LoadSettings | None = None) -> Model:
+    """The loaded model for a registry name or a GGUF path, shared process-wide."""
+    settings = settings or LoadSettings()
+    path = resolve_model(name_or_path).resolve()
+    key = (str(path), settings)
+    with _loaded_lock:
+        model = _loaded.get(key)
+        if model is None:
+            model = Model(path, settings)
+            _loaded[key] = model
+        return model
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). "
+            "Pass a .gguf model file, or a registry name (see `w2s-models list`)."
+        )
+
+
+class Model:
+    """One GGUF file in memory: its vocabulary, metadata and weights.
+
+    Build it with `load_model`, which shares instances; contexts keep it alive.
+    """
+
+    def __init__(self, path: Path, settings: LoadSettings):
+        _init_backend()
+        _check_gguf_header(path)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = settings.n_gpu_layers
+        params.load_mode = settings.load_mode()
+        _recent_log_lines.clear()
+        handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not handle:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path}: the file may be truncated, corrupt or of an "
+                f"unsupported architecture. llama.cpp said: {_log_tail() or 'nothing'}"
+            )
+        # Registered before any further check, so a refused model is freed too.
+        self._finalizer = weakref.finalize(self, llama_cpp.llama_model_free, handle)
+        self.handle = handle
+        self.path = path
+        self.settings = settings
+        self.architecture = self.metadata("general.architecture") or "unknown"
+        if llama_cpp.llama_model_is_recurrent(handle) or llama_cpp.llama_model_is_hybrid(handle):
+            self._finalizer()
+            raise ModelLoadError(
+                f"{path} is a recurrent model ({self.architecture}): its state cannot be cut back "
+                "to an earlier position, which tree search needs. Use a transformer model."
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(handle)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.chat_template = self.metadata("tokenizer.chat_template")
+        self._pieces: dict[int, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"Model({self.path.name!r}, arch={self.architecture}, n_vocab={self.n_vocab})"
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None when the key is absent."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    # --- tokens ---------------------------------------------------------------
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. `add_special` adds BOS (when the model wants one);
+        `parse_special` turns special-token text such as "<|im_end|>" into its id."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        n_max = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for; control tokens (BOS, EOS, ...) give b""."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            if not 0 <= token < self.n_vocab:
+                raise ValueError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+            size = 32
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+                if n >= 0:
+                    piece = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        """The bytes of a token sequence. Bytes, not str: a token can end inside a
+        UTF-8 character, so decode only text you know is complete."""
+        return b"".join(self.token_bytes(t) for t in tokens)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """True for EOS, end-of-turn and the other tokens that end an answer."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

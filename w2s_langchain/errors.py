@@ -1,0 +1,50 @@
+"""Exceptions raised by w2s_langchain.
+
+Each one is raised before anything the user owns is touched, and its message says
+what to do next. They subclass the built-in exception a caller would catch anyway
+(``ValueError`` for bad settings, ``FileNotFoundError`` for missing files, ...).
+"""
+
+from __future__ import annotations
+
+
+class W2SError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+# --- models and the registry -------------------------------------------------
+
+
+class UnknownModelError(W2SError, ValueError):
+    """A model name that is neither in the registry nor a path to a file."""
+
+
+class ModelNotPulledError(W2SError, FileNotFoundError):
+    """A registry model whose GGUF file has not been pulled yet."""
+
+
+class ChecksumMismatchError(W2SError, ValueError):
+    """A file whose sha256 differs from the registry's."""
+
+
+class PullError(W2SError, RuntimeError):
+    """Fetching the package that ships a model's weights failed."""
+
+
+# --- the engine ----------------------------------------------------------------
+
+
+class ModelLoadError(W2SError, ValueError):
+    """llama.cpp refused a file: not GGUF, truncated, or an unsupported model."""
+
+
+class ContextOverflowError(W2SError, ValueError):
+    """A token sequence longer than the context can hold."""
+
+
+class ContextFullError(W2SError, RuntimeError):
+    """The KV cache has no room left even after evicting every other branch."""
+
+
+class DecodeError(W2SError, RuntimeError):
+    """llama_decode failed for a reason other than a full KV cache."""
