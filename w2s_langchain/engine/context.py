@@ -91,6 +91,8 @@ class ContextStats:
     """Calls to llama_decode (a retry after eviction counts again)."""
     tokens_decoded: int = 0
     """Tokens pushed through the model."""
+    tokens_reused: int = 0
+    """Tokens an operation needed that were already in the KV cache."""
     evictions: int = 0
     """Branches evicted to free a sequence id or KV cells."""
 
@@ -105,6 +107,10 @@ class Context:
     (more are evicted and rebuilt on use), `flash_attn`, and `seed` for `rng`,
     the generator the caller samples with.
 
+    `reuse_prefixes=False` makes every operation decode each branch from its first
+    token, as code without a KV cache would: same results, the cost of re-reading.
+    It exists to check the cache and to measure what it saves.
+
     All methods are thread-safe: one lock per context serializes them.
     """
 
@@ -117,6 +123,7 @@ class Context:
         n_threads: int | None = None,
         n_seq_max: int = 64,
         flash_attn: bool = False,
+        reuse_prefixes: bool = True,
         seed: int | None = None,
     ):
         n_threads = n_threads if n_threads is not None else max(1, (os.cpu_count() or 2) // 2)
@@ -159,6 +166,7 @@ class Context:
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.n_seq_max = n_seq_max
+        self.reuse_prefixes = reuse_prefixes
         self.rng = np.random.default_rng(seed)
         self.stats = ContextStats()
         self._handle = handle
@@ -194,11 +202,21 @@ class Context:
             if not 0 <= n <= len(branch):
                 raise ValueError(f"cannot fork {n} tokens of a branch of {len(branch)}")
             child = Branch(branch._tokens[:n])
-            shared = min(n, branch._n_cached) if branch.resident else 0
+            shared = min(n, branch._n_cached) if branch.resident and self.reuse_prefixes else 0
             if shared:
                 self._take_seq(child, protected=(branch,))
                 self._copy_cells(branch, child, shared)
             return child
+
+    def append(self, branch: Branch, tokens: list[int]) -> None:
+        """Append tokens without decoding them: the next operation on the branch
+        decodes them with whatever else it needs (a sampled token whose logits
+        nobody wants yet costs nothing until then)."""
+        with self._lock:
+            self._check_live(branch)
+            tokens = [int(t) for t in tokens]
+            self._check_tokens(branch._tokens + tokens, len(branch))
+            branch._tokens = branch._tokens + tokens
 
     def release(self, branch: Branch) -> None:
         """Free the branch's sequence id; cells it shared with others stay theirs."""
@@ -287,8 +305,10 @@ class Context:
     def _prepare(self, job: _Job, protected: tuple[Branch, ...]) -> None:
         """Make the branch resident and decide where its decode starts."""
         branch = job.branch
+        if not self.reuse_prefixes:
+            self._truncate(branch, 0)
         if not branch.resident:
-            donor, shared = self._longest_cached_prefix(branch)
+            donor, shared = self._longest_cached_prefix(branch) if self.reuse_prefixes else (None, 0)
             # Make room without evicting the donor, unless only the donor can go.
             if donor is not None and not self._free_seqs and not self._evict_one(protected + (donor,)):
                 donor, shared = None, 0
@@ -297,6 +317,7 @@ class Context:
                 self._copy_cells(donor, branch, shared)
         job.start = min(branch._n_cached, job.first_output)
         self._truncate(branch, job.start)
+        self.stats.tokens_reused += job.start
 
     def _decode_chunk(self, jobs, chunk, results, protected) -> None:
         for i, (j, pos) in enumerate(chunk):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import logging
 import threading
 import weakref
@@ -207,6 +208,20 @@ class Model:
         """The bytes of a token sequence. Bytes, not str: a token can end inside a
         UTF-8 character, so decode only text you know is complete."""
         return b"".join(self.token_bytes(t) for t in tokens)
+
+    @functools.cached_property
+    def control_texts(self) -> tuple[str, ...]:
+        """The text of every control token ("<|im_start|>", "<bos>", ...): where a
+        rendered prompt's special tokens end and plain text begins."""
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        texts = (
+            self.token_text(t) for t in range(self.n_vocab) if llama_cpp.llama_vocab_get_attr(self.vocab, t) & control
+        )
+        return tuple(sorted({t for t in texts if t}, key=len, reverse=True))
+
+    def token_text(self, token: int) -> str:
+        """A token's text in the vocabulary, special tokens included ("<|im_end|>")."""
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
     def is_end_of_generation(self, token: int) -> bool:
         """True for EOS, end-of-turn and the other tokens that end an answer."""

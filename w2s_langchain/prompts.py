@@ -1,0 +1,123 @@
+"""How each model sees the prompt: its own chat template, a template the user
+gives, or plain text.
+
+A rendered prompt is split where its last special token ends: the `special`
+part is tokenized with special tokens parsed ("<|im_start|>" becomes its id), the
+`plain` part is tokenized together with the answer, as ordinary text. Tokenizing
+them apart is exact, because llama.cpp's tokenizers never merge across a special
+token, and it keeps an answer that happens to contain "<|im_end|>" from turning
+into a control token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .engine import Model
+
+_MARK = "\u2063w2s\u2063"  # invisible separator: never in a template's own text
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one model (strong, weak or reference) is shown the prompt.
+
+    `{prompt}` in `user`, `assistant_prefix` or `plain` stands for the user's prompt.
+    """
+
+    format: Literal["chat", "plain"] = "plain"
+    """"chat": messages through a chat template; "plain": the `plain` text as is."""
+    system: str | None = None
+    """System message (chat), e.g. the preference an aligned prompt states."""
+    user: str = "{prompt}"
+    """The user turn (chat)."""
+    assistant_prefix: str = ""
+    """Text the assistant turn starts with, before the answer (chat), e.g. "{prompt}"
+    when the model continues the user's text inside its own turn."""
+    plain: str = "{prompt}"
+    """The whole prompt (plain)."""
+    chat_template: str | None = None
+    """A Jinja chat template to use instead of the model's own."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("chat", "plain"):
+            raise ValueError(f'format must be "chat" or "plain", got {self.format!r}')
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as one model will read it, ready to tokenize."""
+
+    special: str
+    """Text up to the end of the last special token (tokenized with specials parsed)."""
+    plain: str
+    """Ordinary text that the answer continues."""
+    end_token: int
+    """The token that ends an answer in this format (scored at the end: "eos scoring")."""
+    tokens: tuple[int, ...] = field(default=())
+    """Tokens of `special` (with BOS when the model wants one)."""
+
+    def tokenize_with(self, model: Model, answer: str) -> list[int]:
+        """Tokens of the whole prompt followed by `answer`."""
+        return list(self.tokens) + model.tokenize(self.plain + answer)
+
+
+def render(model: Model, fmt: PromptFormat, prompt: str) -> RenderedPrompt:
+    """Render `prompt` for `model` in format `fmt`."""
+    if fmt.format == "plain":
+        return _split(model, fmt.plain.replace("{prompt}", prompt), model.eos)
+    template = fmt.chat_template or model.chat_template
+    if not template:
+        raise ValueError(
+            f"{model.path.name} has no chat template: give one (chat_template=...) or use the plain format"
+        )
+    messages = ([{"role": "system", "content": fmt.system}] if fmt.system is not None else []) + [
+        {"role": "user", "content": fmt.user.replace("{prompt}", prompt)}
+    ]
+    text = render_chat_template(model, template, messages, add_generation_prompt=True)
+    text += fmt.assistant_prefix.replace("{prompt}", prompt)
+    return _split(model, text, _end_of_assistant_turn(model, template, messages))
+
+
+def render_chat_template(model: Model, template: str, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    """A Jinja chat template rendered in a sandbox (templates ship inside model files)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    try:
+        return env.from_string(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=model.token_text(model.bos),
+            eos_token=model.token_text(model.eos),
+            raise_exception=raise_exception,
+        )
+    except TemplateError as err:
+        raise ValueError(f"the chat template of {model.path.name} failed to render: {err}") from err
+
+
+def _end_of_assistant_turn(model: Model, template: str, messages: list[dict]) -> int:
+    """The special token the template puts right after an assistant's answer."""
+    done = render_chat_template(
+        model, template, messages + [{"role": "assistant", "content": _MARK}], add_generation_prompt=False
+    )
+    after = done[done.rfind(_MARK) + len(_MARK) :]
+    for token in model.tokenize(after, parse_special=True):
+        if model.token_text(token) in model.control_texts:
+            return token
+    return model.eos
+
+
+def _split(model: Model, text: str, end_token: int) -> RenderedPrompt:
+    cut = max((text.rfind(t) + len(t) for t in model.control_texts if t in text), default=0)
+    special, plain = text[:cut], text[cut:]
+    tokens = model.tokenize(special, add_special=True, parse_special=True)
+    if len(tokens) >= 2 and tokens[0] == tokens[1] == model.bos:
+        tokens = tokens[1:]  # the template wrote BOS and the tokenizer added it again
+    return RenderedPrompt(special=special, plain=plain, end_token=end_token, tokens=tuple(tokens))

@@ -1,0 +1,166 @@
+"""The weak models' value of an answer:
+
+    V(x, y) = beta * (log pi_aligned(y | x_aligned) - log pi_ref(y | x_ref))
+
+Scores are defined on text: each weak model renders the prompt its own way and
+tokenizes prompt + answer itself, so the strong model may use another tokenizer.
+`log pi(y | x)` sums the log-probs of the tokens of tok(x + y) after the longest
+common prefix of tok(x) and tok(x + y).
+
+Values are incremental. A child's text extends its parent's; re-tokenizing can
+merge tokens across the old end, so the child keeps the parent's tokens up to
+their longest common prefix (sharing its KV cells) and scores only the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine import Branch, Context
+from ..prompts import PromptFormat, RenderedPrompt, render
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(eq=False)
+class WeakState:
+    """One weak model's reading of one answer."""
+
+    tokens: list[int]
+    """tok(x + y)."""
+    log_probs: list[float]
+    """Per-token log-probs of `tokens`; NaN where never needed (prompt tokens)."""
+    answer_start: int
+    """Length of the common prefix of tok(x) and tok(x + y)."""
+    branch: Branch | None = field(default=None, repr=False)
+
+    @property
+    def log_prob(self) -> float:
+        """log pi(y | x)."""
+        return float(sum(self.log_probs[self.answer_start :]))
+
+
+class WeakScorer:
+    """One role (aligned or reference): a weak model and how it sees the prompt."""
+
+    def __init__(self, context: Context, prompt_format: PromptFormat):
+        self.context = context
+        self.model = context.model
+        self.prompt_format = prompt_format
+
+    def start(self, prompt: str) -> tuple[RenderedPrompt, WeakState]:
+        rendered = render(self.model, self.prompt_format, prompt)
+        tokens = rendered.tokenize_with(self.model, "")
+        if not tokens:
+            raise ValueError(f"the prompt renders to no tokens for {self.model.path.name}: nothing to condition on")
+        state = WeakState(tokens, [math.nan] * len(tokens), len(tokens), self.context.new_branch(tokens))
+        return rendered, state
+
+
+@dataclass(eq=False)
+class ProxyState:
+    """Both roles' readings of one answer, and its value (no eos)."""
+
+    weak: tuple[WeakState, WeakState]
+    """(aligned, reference)."""
+    value: float
+
+
+class Proxy:
+    """V(x, y) over two weak scorers. Both may share one model and one context
+    (one GGUF in both roles with two prompts): then each batch of answers is
+    scored in a single decode."""
+
+    def __init__(self, aligned: WeakScorer, reference: WeakScorer, beta: float = 1.0):
+        self.scorers = (aligned, reference)
+        self.beta = beta
+        self._prompts: list[tuple[RenderedPrompt, list[int]]] = []
+
+    @property
+    def contexts(self) -> list[Context]:
+        """The distinct contexts the weak models run in."""
+        return list({id(s.context): s.context for s in self.scorers}.values())
+
+    def start(self, prompt: str) -> ProxyState:
+        started = [scorer.start(prompt) for scorer in self.scorers]
+        self._prompts = [(rendered, state.tokens) for rendered, state in started]
+        return ProxyState((started[0][1], started[1][1]), 0.0)
+
+    def extend(self, parents: list[ProxyState], answers: list[str]) -> list[ProxyState]:
+        """The states of `answers`, each continuing the answer of its parent."""
+        requests = []
+        for role, scorer in enumerate(self.scorers):
+            children, spans = self._children(role, [p.weak[role] for p in parents], answers)
+            requests.append((scorer.context, children, spans))
+        for (_, children, _), scores in zip(requests, _score_by_context(requests)):
+            for child, log_probs in zip(children, scores):
+                child.log_probs = child.log_probs + list(log_probs)
+        aligned, reference = requests[0][1], requests[1][1]
+        return [ProxyState((a, r), self._value(a.log_prob, r.log_prob)) for a, r in zip(aligned, reference)]
+
+    def eos_values(self, states: list[ProxyState]) -> list[float]:
+        """V with each weak model's end-of-answer token appended ("eos scoring"):
+        finished answers are rewarded for being complete."""
+        requests = []
+        for role, scorer in enumerate(self.scorers):
+            end = self._prompts[role][0].end_token
+            forks = [WeakState([], [], 0, scorer.context.fork(s.weak[role].branch)) for s in states]
+            requests.append((scorer.context, forks, [[end]] * len(states)))
+        scores = _score_by_context(requests)
+        for context, forks, _ in requests:
+            for fork in forks:
+                context.release(fork.branch)
+        return [
+            self._value(s.weak[0].log_prob + a[0], s.weak[1].log_prob + r[0])
+            for s, a, r in zip(states, scores[0], scores[1])
+        ]
+
+    def release(self, state: ProxyState) -> None:
+        for scorer, weak in zip(self.scorers, state.weak):
+            if weak.branch is not None:
+                scorer.context.release(weak.branch)
+                weak.branch = None
+
+    def _value(self, aligned_log_prob: float, reference_log_prob: float) -> float:
+        return self.beta * (aligned_log_prob - reference_log_prob)
+
+    def _children(self, role: int, parents: list[WeakState], answers: list[str]):
+        scorer = self.scorers[role]
+        rendered, prompt_tokens = self._prompts[role]
+        children, spans = [], []
+        for parent, answer in zip(parents, answers):
+            tokens = rendered.tokenize_with(scorer.model, answer)
+            keep = common_prefix_length(parent.tokens, tokens)
+            if keep == 0:
+                raise ValueError("a weak prompt must keep at least one token before the answer")
+            branch = scorer.context.fork(parent.branch, keep)
+            answer_start = common_prefix_length(prompt_tokens, tokens)
+            children.append(WeakState(tokens, parent.log_probs[:keep], answer_start, branch))
+            spans.append(tokens[keep:])
+        return children, spans
+
+
+def _score_by_context(requests: list[tuple[Context, list[WeakState], list[list[int]]]]) -> list[list[np.ndarray]]:
+    """Score each request's spans (appending them to the states' branches), with
+    one decode per distinct context."""
+    slots_by_context: dict[int, list[tuple[int, int]]] = {}
+    for r, (context, states, _) in enumerate(requests):
+        if states:
+            slots_by_context.setdefault(id(context), []).extend((r, i) for i in range(len(states)))
+    results: list[list] = [[None] * len(states) for _, states, _ in requests]
+    for slots in slots_by_context.values():
+        context = requests[slots[0][0]][0]
+        branches = [requests[r][1][i].branch for r, i in slots]
+        spans = [requests[r][2][i] for r, i in slots]
+        for (r, i), log_probs in zip(slots, context.score(branches, spans)):
+            results[r][i] = log_probs
+    return results

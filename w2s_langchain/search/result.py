@@ -1,0 +1,124 @@
+"""What a search returns: the answer, its value, what it cost, and the tree."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .tree import Node
+
+
+@dataclass
+class SearchCost:
+    """What a search spent."""
+
+    strong_tokens_sampled: int = 0
+    """Tokens the strong model sampled: the budget strategies are compared at."""
+    strong_tokens_decoded: int = 0
+    """Tokens the strong model read (sampled ones, prompt, rebuilt prefixes)."""
+    weak_tokens_scored: int = 0
+    """Tokens the weak models read."""
+    tokens_from_cache: int = 0
+    """Tokens the models needed that the KV cache already held (not re-read)."""
+    decode_calls: int = 0
+    """llama_decode calls, all models."""
+    iterations: int = 0
+    """MCTS iterations run (w2s), steps (cbs)."""
+    tree_nodes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per phase (select, expand, evaluate, stage2, ...) and in total."""
+
+
+@dataclass
+class SearchResult:
+    """The answer of one search."""
+
+    prompt: str
+    text: str
+    """The answer (the strong model's continuation, without the prompt)."""
+    value: float | None
+    """Its proxy value V (eos-scored when the strategy judged a finished answer)."""
+    strategy: str
+    source: str
+    """How the answer was chosen: "stage2", "best_of_n", "beam", "sample",
+    "fallback_truncated" (no finished answer: the best unfinished one) or
+    "fallback_finished" (that one, finished by the strong model)."""
+    finish_reason: str | None
+    """"eos", "length", "stop", or None for a truncated answer."""
+    settings: dict[str, Any]
+    cost: SearchCost
+    tree: Node | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the tree, as plain JSON-ready data."""
+        data = {k: v for k, v in asdict(self).items() if k != "tree"}
+        data["value"] = _finite_or_none(self.value)
+        return data
+
+    def tree_dict(self) -> dict[str, Any]:
+        """The tree as plain data (see treeview.py for the schema)."""
+        if self.tree is None:
+            return {"prompt": self.prompt, "strategy": self.strategy, "answer": self.text, "nodes": []}
+        ids = {id(node): i for i, node in enumerate(self.tree.walk())}
+        chosen = _chosen_path(self.tree, self.text)
+        nodes = []
+        for node in self.tree.walk():
+            parent_text = node.parent.chunk.text if node.parent else ""
+            nodes.append(
+                {
+                    "id": ids[id(node)],
+                    "parent": ids[id(node.parent)] if node.parent else None,
+                    "chunk": node.chunk.text[len(parent_text) :],
+                    "answer": node.chunk.text,
+                    "visits": node.visits,
+                    "value": _finite_or_none(node.value),
+                    "prior": node.prior,
+                    "entropy": node.entropy,
+                    "terminal": node.terminal,
+                    "finish_reason": node.chunk.finish_reason,
+                    "eos_value": _finite_or_none(node.eos_value),
+                    "chosen": id(node) in chosen,
+                }
+            )
+        return {"prompt": self.prompt, "strategy": self.strategy, "answer": self.text, "nodes": nodes}
+
+    def tree_html(self) -> str:
+        from .treeview import tree_to_html
+
+        return tree_to_html(self.tree_dict())
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _chosen_path(root: Node, answer: str) -> set[int]:
+    """The nodes whose answers lead to the returned one (the deepest match)."""
+    best = root
+    for node in root.walk():
+        if answer.startswith(node.chunk.text) and len(node.chunk.text) >= len(best.chunk.text):
+            best = node
+    path = set()
+    node: Node | None = best
+    while node is not None:
+        path.add(id(node))
+        node = node.parent
+    return path
+
+
+class PhaseTimer:
+    """Adds up wall time per phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start

@@ -1,0 +1,99 @@
+"""Every setting of a search, checked when it is made (before any model loads)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ..engine import SamplingSettings
+
+STRATEGIES = ("w2s", "bon", "cbs", "base")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How to search. Defaults are the W2S-AlignTree reference code's generic
+    decoder settings (SPEC.md); the switches marked "quirk" keep its behaviour."""
+
+    strategy: str = "w2s"
+    """"w2s" (W2S-AlignTree), "bon" (Best-of-N), "cbs" (chunk-level beam search), "base" (plain sampling)."""
+    iterations: int = 100
+    """m: MCTS iterations (w2s)."""
+    children: int = 5
+    """K: children per expansion (w2s), chunks per beam (cbs)."""
+    chunk_tokens: int = 5
+    """L: strong tokens per chunk (w2s, cbs)."""
+    c: float = 2.0
+    """Exploration constant of (EA-)PUCT."""
+    entropy_weight: float = 0.2
+    """w in EA-PUCT; 0 gives plain PUCT."""
+    num_select: int = 10
+    """Stage 2 re-scores the terminal children of this many candidates (w2s)."""
+    samples: int = 4
+    """N: complete samples (bon)."""
+    beam_width: int = 2
+    """W: beams kept (cbs)."""
+    max_new_tokens: int = 128
+    """Most answer tokens the strong model writes."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer (not included in it)."""
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+    """Same seed, same settings, same models: same answer."""
+    beta: float = 1.0
+    """Scale of the proxy value (the reference code drops it: 1)."""
+    backup: str = "max"
+    """Backpropagation: "max" (the paper) or "mean" (ablation)."""
+    terminal_reward: str = "-inf"
+    """Value of a child that finishes during expansion: "-inf" (quirk: judged only
+    in stage 2) or "eos" (eos-scored right away)."""
+    stage2_nonterminal: bool = True
+    """Quirk: stage 2 also eos-scores the candidates' unfinished children."""
+    fallback: str = "truncate"
+    """With no finished answer in the tree: "truncate" returns the best unfinished
+    one as it is (the reference code); "finish" continues it with the strong model,
+    greedily by V, until it ends."""
+    naive: bool = False
+    """Re-read every prefix from scratch, as code without a KV cache does: the same
+    tree at its cost. For checking the cache and measuring what it saves."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        for name in ("iterations", "children", "chunk_tokens", "num_select", "samples", "beam_width", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("c", "entropy_weight", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.backup not in ("max", "mean"):
+            raise ValueError(f'backup must be "max" or "mean", got {self.backup!r}')
+        if self.terminal_reward not in ("-inf", "eos"):
+            raise ValueError(f'terminal_reward must be "-inf" or "eos", got {self.terminal_reward!r}')
+        if self.fallback not in ("truncate", "finish"):
+            raise ValueError(f'fallback must be "truncate" or "finish", got {self.fallback!r}')
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        self.sampling  # checks temperature, top_k, top_p
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.temperature, self.top_k, self.top_p)
+
+    def with_(self, **changes: Any) -> SearchSettings:
+        """A copy with some settings changed (checked again)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown search settings: {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return data
