@@ -212,7 +212,8 @@ def test_labels_show_visits_and_value_with_two_decimals() -> None:
 
 
 def test_chosen_path_nodes_and_edges_are_highlighted() -> None:
-    svg = tree_svg(tree_to_html(chosen_tree()))
+    page = tree_to_html(chosen_tree())
+    svg = tree_svg(page)
     groups = node_groups(svg)
     chosen_edges = [
         line for line in svg.iter(SVG + "line") if "chosen" in line.get("class", "").split()
@@ -221,6 +222,9 @@ def test_chosen_path_nodes_and_edges_are_highlighted() -> None:
     assert {node_id for node_id, g in groups.items() if "chosen" in g.get("class").split()} == {0, 1, 3}
     assert len(chosen_edges) == 2  # 0 -> 1 -> 3
     assert "chosen" not in groups[2].get("class") and "chosen" not in groups[4].get("class")
+    # The class carries the highlight: thicker and red.
+    assert ".edge.chosen { stroke: #d62728; stroke-width: 3; }" in page
+    assert ".chosen > .shape { stroke: #d62728; stroke-width: 2.5; }" in page
 
 
 def test_tooltip_holds_chunk_answer_and_statistics() -> None:
@@ -260,11 +264,17 @@ def test_deep_chain_does_not_hit_the_recursion_limit() -> None:
     assert len(shapes(svg)) == 1500
 
 
+def centre_x(group: ET.Element) -> float:
+    circle = group.find(SVG + "circle")
+    if circle is not None:
+        return float(circle.get("cx"))
+    square = group.find(SVG + "rect")
+    return float(square.get("x")) + float(square.get("width")) / 2
+
+
 def test_parents_are_centred_over_their_children() -> None:
     groups = node_groups(tree_svg(tree_to_html(chosen_tree())))
-    x = {node_id: float(g.find(SVG + "circle").get("cx")) if g.find(SVG + "circle") is not None
-         else float(g.find(SVG + "rect").get("x")) + float(g.find(SVG + "rect").get("width")) / 2
-         for node_id, g in groups.items()}
+    x = {node_id: centre_x(group) for node_id, group in groups.items()}
 
     assert x[2] > x[1]  # children left to right in list order
     assert x[1] == pytest.approx((x[3] + x[4]) / 2, abs=0.1)

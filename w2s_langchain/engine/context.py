@@ -273,34 +273,50 @@ class Context:
 
     def _run(self, jobs: list[_Job]) -> list:
         with self._lock:
-            protected = tuple(job.branch for job in jobs)
-            if len({id(b) for b in protected}) < len(protected):
+            branches = [job.branch for job in jobs]
+            if len({id(b) for b in branches}) < len(branches):
                 raise ValueError("a branch may appear only once per operation")
             for job in jobs:
                 self._check_live(job.branch)
                 self._check_tokens(job.tokens, len(job.branch))
-            for job in jobs:
-                self._prepare(job, protected)
-            entries = [
-                (j, pos)
-                for j, job in enumerate(jobs)
-                for pos in range(job.start, len(job.tokens))
-            ]
-            results: list[list] = [[] for _ in jobs]
-            try:
-                for lo in range(0, len(entries), self.n_batch):
-                    self._decode_chunk(jobs, entries[lo : lo + self.n_batch], results, protected)
-            except BaseException:
-                # Earlier chunks may have landed: cut every branch back to what
-                # it held before, so its tokens and its cells agree again.
-                for job in jobs:
-                    if job.branch.resident:
-                        llama_cpp.llama_memory_seq_rm(self._memory, job.branch._seq, job.start, -1)
+            return self._run_in_groups(jobs)
+
+    def _run_in_groups(self, jobs: list[_Job]) -> list:
+        """Run the jobs together when they fit, else in smaller groups: more
+        branches than sequence ids, or than the KV cache holds at once, still work."""
+        limit = self.n_seq_max if self.reuse_prefixes else 1  # naive: one sequence at a time
+        if len(jobs) > limit:
+            return self._run_in_groups(jobs[:limit]) + self._run_in_groups(jobs[limit:])
+        try:
+            return self._run_together(jobs)
+        except ContextFullError:
+            if len(jobs) == 1:
                 raise
+            half = len(jobs) // 2
+            return self._run_in_groups(jobs[:half]) + self._run_in_groups(jobs[half:])
+
+    def _run_together(self, jobs: list[_Job]) -> list:
+        protected = tuple(job.branch for job in jobs)
+        for job in jobs:
+            self._prepare(job, protected)
+        entries = [(j, pos) for j, job in enumerate(jobs) for pos in range(job.start, len(job.tokens))]
+        results: list[list] = [[] for _ in jobs]
+        try:
+            for lo in range(0, len(entries), self.n_batch):
+                self._decode_chunk(jobs, entries[lo : lo + self.n_batch], results, protected)
+        except BaseException:
+            # Earlier chunks may have landed: cut every branch back to what
+            # it held before, so its tokens and its cells agree again.
             for job in jobs:
-                job.branch._tokens = job.tokens
-                job.branch._n_cached = len(job.tokens)
-            return [r[0] if not job.logprobs else r for r, job in zip(results, jobs)]
+                if job.branch.resident:
+                    llama_cpp.llama_memory_seq_rm(self._memory, job.branch._seq, job.start, -1)
+            raise
+        for job in jobs:
+            job.branch._tokens = job.tokens
+            job.branch._n_cached = len(job.tokens)
+            if not self.reuse_prefixes:  # nothing is reused, so nothing is kept
+                self._truncate(job.branch, 0)
+        return [r[0] if not job.logprobs else r for r, job in zip(results, jobs)]
 
     def _prepare(self, job: _Job, protected: tuple[Branch, ...]) -> None:
         """Make the branch resident and decide where its decode starts."""

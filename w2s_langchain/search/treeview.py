@@ -56,7 +56,6 @@ h2 {{ font-size: 15px; margin: 14px 0 4px; }}
 pre {{ white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6;
       border: 1px solid #ddd; padding: 8px; margin: 0; max-height: 16em; overflow: auto; }}
 .facts span {{ margin-right: 18px; }}
-.hint {{ color: #666; font-size: 12px; }}
 .overview {{ max-width: 100%; height: auto; max-height: 40vh; border: 1px solid #ddd; }}
 .scroll {{ overflow: auto; max-height: 85vh; border: 1px solid #ddd; margin-top: 8px; }}
 svg text {{ font-family: sans-serif; }}
@@ -67,8 +66,9 @@ svg text {{ font-family: sans-serif; }}
 .chosen > .shape {{ stroke: {CHOSEN_COLOUR}; stroke-width: 2.5; }}
 .node {{ cursor: help; }}
 .node:hover > .shape {{ stroke-width: 3.5; }}
+/* A white halo, so edges pass behind the labels instead of through them. */
 .label {{ font-size: {LABEL_FONT_SIZE}px; fill: #444; text-anchor: middle;
-          paint-order: stroke; stroke: #fff; stroke-width: 3px; }}  /* halo: edges pass behind labels */
+          paint-order: stroke; stroke: #fff; stroke-width: 3px; }}
 .chosen > .label {{ fill: {CHOSEN_COLOUR}; font-weight: bold; }}
 .ruler {{ font-size: 10px; fill: #999; }}
 .ruler-line {{ stroke: #eee; stroke-width: 1; }}
@@ -112,7 +112,7 @@ def tree_to_html(tree: dict) -> str:
 
 
 @dataclass(frozen=True)
-class Layout:
+class _Layout:
     """Where everything goes, in pixels."""
 
     depth_of: dict[int, int]
@@ -122,7 +122,7 @@ class Layout:
     height: float
 
 
-def _layout(nodes: Sequence[dict]) -> Layout:
+def _layout(nodes: Sequence[dict]) -> _Layout:
     depth_of = _depths(nodes)
     slot_of = _leaf_slots(nodes, _children(nodes))
     slot_width = _slot_width(nodes)
@@ -132,7 +132,7 @@ def _layout(nodes: Sequence[dict]) -> Layout:
         node_id: (RULER_WIDTH + (slot + 0.5) * slot_width, _row_y(depth_of[node_id]))
         for node_id, slot in slot_of.items()
     }
-    return Layout(
+    return _Layout(
         depth_of=depth_of,
         centre_of=centre_of,
         levels=levels,
@@ -147,7 +147,8 @@ def _row_y(depth: int) -> float:
 
 def _slot_width(nodes: Sequence[dict]) -> float:
     """Slot wide enough for the longest label, so labels of neighbours don't touch."""
-    labels = [str(node["visits"]) for node in nodes] + [_format_value(node["value"]) for node in nodes]
+    labels = [str(node["visits"]) for node in nodes]
+    labels += [_format_value(node["value"]) for node in nodes]
     longest = max((len(label) for label in labels), default=0)
     return max(MIN_SLOT_WIDTH, longest * LABEL_CHAR_WIDTH + LABEL_PADDING)
 
@@ -283,7 +284,7 @@ def _px(number: float) -> str:
     return f"{number:.1f}"
 
 
-def _tree_svg(nodes: Sequence[dict], layout: Layout) -> str:
+def _tree_svg(nodes: Sequence[dict], layout: _Layout) -> str:
     bounds = _value_bounds(nodes)
     max_visits = max((node["visits"] for node in nodes), default=0)
     width, height = _px(layout.width), _px(layout.height)
@@ -304,7 +305,7 @@ def _tree_svg(nodes: Sequence[dict], layout: Layout) -> str:
     return "\n".join(parts)
 
 
-def _overview(layout: Layout) -> str:
+def _overview(layout: _Layout) -> str:
     """The whole tree shrunk to the page width; nothing for trees that fit anyway."""
     if layout.width <= OVERVIEW_MIN_WIDTH:
         return ""
@@ -323,7 +324,7 @@ def _depth_ruler(levels: int, width: float) -> list[str]:
     for depth in range(levels):
         y = _row_y(depth)
         parts.append(
-            f'<line class="ruler-line" x1="{_px(RULER_WIDTH)}" y1="{_px(y)}" x2="{_px(width)}" y2="{_px(y)}"/>'
+            f'<line class="ruler-line" x1="{RULER_WIDTH}" y1="{_px(y)}" x2="{_px(width)}" y2="{_px(y)}"/>'
         )
         parts.append(f'<text class="ruler" x="4" y="{_px(y + 3)}">{depth}</text>')
     return parts
@@ -375,7 +376,7 @@ def _shape(terminal: bool, x: float, y: float, radius: float, fill: str) -> str:
     return f'<circle class="shape" cx="{_px(x)}" cy="{_px(y)}" r="{_px(radius)}" fill="{fill}"/>'
 
 
-def _header(tree: dict, layout: Layout) -> str:
+def _header(tree: dict, layout: _Layout) -> str:
     nodes = tree["nodes"]
     root_visits = sum(node["visits"] for node in nodes if node["parent"] is None)
     finished = sum(1 for node in nodes if node["terminal"])
@@ -413,16 +414,15 @@ def _jump_links(nodes: Sequence[dict]) -> str:
 
 def _legend(bounds: tuple[float, float] | None) -> str:
     """Key to fill, shape, size and the red path, as a small SVG of its own."""
-    stops = "".join(
-        f'<stop offset="{i / (len(VALUE_RAMP) - 1):.2f}" stop-color="{_ramp_colour(i / (len(VALUE_RAMP) - 1))}"/>'
-        for i in range(len(VALUE_RAMP))
-    )
+    shares = [i / (len(VALUE_RAMP) - 1) for i in range(len(VALUE_RAMP))]
+    stops = "".join(f'<stop offset="{share:.2f}" stop-color="{_ramp_colour(share)}"/>' for share in shares)
     low, high = ("–", "–") if bounds is None else (f"{bounds[0]:.2f}", f"{bounds[1]:.2f}")
     side = RADIUS_MAX * SQUARE_SIDE_PER_RADIUS
     return "\n".join(
         [
             "<h2>Legend</h2>",
-            '<svg class="legend" xmlns="http://www.w3.org/2000/svg" width="900" height="46" viewBox="0 0 900 46">',
+            '<svg class="legend" xmlns="http://www.w3.org/2000/svg" '
+            'width="900" height="46" viewBox="0 0 900 46">',
             f'<defs><linearGradient id="value-ramp">{stops}</linearGradient></defs>',
             # value scale
             '<rect x="4" y="6" width="130" height="12" fill="url(#value-ramp)" stroke="#333"/>',

@@ -1,0 +1,263 @@
+"""W2S-AlignTree and its baselines on real llama.cpp with the tiny models.
+
+The strong model is tiny_c and the weak pair tiny_a / tiny_b, whose vocabulary
+differs from tiny_c's: the cross-tokenizer path is the tested path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from w2s_langchain.engine import Context, load_model
+from w2s_langchain.prompts import PromptFormat
+from w2s_langchain.search import Proxy, SearchModels, SearchSettings, StrongModel, WeakScorer, search
+from w2s_langchain.search.strong import _ends_inside_a_character
+from w2s_langchain.search.tree import NEG_INF
+
+PROMPT = "Once upon a time"
+TOL = 1e-3  # F32 tiny models: see test_engine.py
+
+
+def make_models(tiny_models, *, same_weak_model: bool = False, n_seq_max: int = 32) -> SearchModels:
+    def ctx(path):
+        return Context(load_model(path), n_ctx=512, n_threads=1, n_seq_max=n_seq_max)
+
+    strong = ctx(tiny_models.tiny_c)
+    if same_weak_model:  # one GGUF in both roles, two prompts, one context
+        weak = ctx(tiny_models.tiny_a)
+        aligned = WeakScorer(weak, PromptFormat(format="chat", system="Be warm.", assistant_prefix="{prompt}"))
+        reference = WeakScorer(weak, PromptFormat(format="chat", system="Be cold.", assistant_prefix="{prompt}"))
+    else:
+        aligned = WeakScorer(ctx(tiny_models.tiny_a), PromptFormat())
+        reference = WeakScorer(ctx(tiny_models.tiny_b), PromptFormat())
+    return SearchModels(strong, PromptFormat(), Proxy(aligned, reference))
+
+
+SMALL = dict(iterations=12, children=3, chunk_tokens=3, max_new_tokens=12, seed=5)
+
+
+def run(tiny_models, **settings):
+    models = make_models(tiny_models)
+    return search(models, PROMPT, SearchSettings(**{**SMALL, **settings})), models
+
+
+# --- the proxy ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("same_weak_model", [False, True])
+def test_incremental_value_equals_full_recomputation(tiny_models, same_weak_model):
+    proxy = make_models(tiny_models, same_weak_model=same_weak_model).proxy
+    chunks = ["Hel", "lo wo", "rld, é", "漢字🙂", " the", "n walking"]  # merges across chunk ends
+    state, text = proxy.start(PROMPT), ""
+    for chunk in chunks:
+        text += chunk
+        (state,) = proxy.extend([state], [text])
+        fresh_proxy = make_models(tiny_models, same_weak_model=same_weak_model).proxy
+        (fresh,) = fresh_proxy.extend([fresh_proxy.start(PROMPT)], [text])
+        assert state.value == pytest.approx(fresh.value, abs=TOL)
+        for ours, theirs in zip(state.weak, fresh.weak):
+            assert ours.tokens == theirs.tokens
+            assert ours.log_prob == pytest.approx(theirs.log_prob, abs=TOL)
+
+
+def test_extending_costs_only_the_new_tokens(tiny_models):
+    proxy = make_models(tiny_models).proxy
+    root = proxy.start(PROMPT)
+    (parent,) = proxy.extend([root], [" walki"])
+    contexts = [s.context for s in proxy.scorers]
+    before = [c.stats.tokens_decoded for c in contexts]
+    (child,) = proxy.extend([parent], [" walking home"])
+    for c, b, p, ch in zip(contexts, before, parent.weak, child.weak):
+        kept = next(i for i, (x, y) in enumerate(zip(p.tokens + [-1], ch.tokens)) if x != y)
+        assert c.stats.tokens_decoded - b == len(ch.tokens) - kept + 1  # re-merged tail + 1 re-decoded
+
+
+def test_eos_value_adds_each_models_end_token(tiny_models):
+    proxy = make_models(tiny_models).proxy
+    (state,) = proxy.extend([proxy.start(PROMPT)], [" and then"])
+    (eos_value,) = proxy.eos_values([state])
+    ends = []
+    for scorer, weak in zip(proxy.scorers, state.weak):
+        ctx = Context(scorer.model, n_ctx=512, n_threads=1)
+        row = ctx.next_logits([ctx.new_branch(weak.tokens)])[0].astype(np.float64)
+        ends.append(row[scorer.model.eos] - row.max() - np.log(np.exp(row - row.max()).sum()))
+    assert eos_value == pytest.approx(state.value + ends[0] - ends[1], abs=TOL)
+
+
+# --- W2S-AlignTree's invariants ------------------------------------------------------
+
+
+def test_backprop_takes_the_max_and_counts_visits(tiny_models):
+    result, _ = run(tiny_models, max_new_tokens=40)
+    root = result.tree
+    assert root.visits == result.cost.iterations
+    for node in root.walk():
+        if not node.children:
+            assert node.visits == 1 or node is root
+            continue
+        assert node.value == max(c.value for c in node.children)
+        own = 1 if node is root else 2  # its own expansion (+ its first visit as a child)
+        assert node.visits == own + sum(c.visits - 1 for c in node.children)
+
+
+def test_children_have_distinct_first_tokens_and_priors(tiny_models):
+    result, _ = run(tiny_models, max_new_tokens=40)
+    for node in result.tree.walk():
+        if node.children:
+            firsts = [c.chunk.tokens[len(node.chunk.tokens)] for c in node.children if len(c.chunk.tokens) > len(node.chunk.tokens)]
+            assert len(set(firsts)) == len(firsts)
+            assert node.entropy is not None and node.entropy > 0
+        assert 0 < node.prior <= 1
+
+
+def test_terminal_children_are_minus_infinity_by_default_or_eos_scored(tiny_models):
+    quirk, _ = run(tiny_models, max_new_tokens=4, chunk_tokens=2)
+    finished = [n for n in quirk.tree.walk() if n.terminal]
+    assert finished and all(n.value == NEG_INF for n in finished)
+    scored, _ = run(tiny_models, max_new_tokens=4, chunk_tokens=2, terminal_reward="eos")
+    finished = [n for n in scored.tree.walk() if n.terminal]
+    assert finished and all(n.value == n.eos_value and math.isfinite(n.value) for n in finished)
+
+
+@pytest.mark.parametrize("nonterminal", [True, False])
+def test_stage2_picks_the_best_eos_scored_finalist(tiny_models, nonterminal):
+    result, _ = run(tiny_models, max_new_tokens=6, chunk_tokens=2, stage2_nonterminal=nonterminal)
+    assert result.source == "stage2"
+    finalists = [n for n in result.tree.walk() if n.eos_value is not None]
+    assert all(n.terminal for n in finalists) != nonterminal or all(n.terminal for n in finalists)
+    best = max(finalists, key=lambda n: n.eos_value)
+    assert result.text == best.chunk.text and result.value == best.eos_value
+    if not nonterminal:
+        assert all(n.terminal for n in finalists)
+
+
+def test_fallback_truncates_or_finishes(tiny_models):
+    truncated, _ = run(tiny_models, iterations=2, max_new_tokens=60)
+    assert truncated.source == "fallback_truncated" and truncated.finish_reason is None
+    finished, _ = run(tiny_models, iterations=2, max_new_tokens=20, fallback="finish")
+    assert finished.source == "fallback_finished" and finished.finish_reason in ("eos", "length", "stop")
+    assert finished.text.startswith(truncated.text[:1])
+
+
+def test_same_seed_same_tree_and_answer(tiny_models):
+    a, _ = run(tiny_models)
+    b, _ = run(tiny_models)
+    assert a.tree_dict() == b.tree_dict()
+    c, _ = run(tiny_models, seed=6)
+    assert c.tree_dict() != a.tree_dict()
+
+
+def test_cached_and_naive_build_the_same_tree_at_different_cost(tiny_models):
+    cached, _ = run(tiny_models)
+    naive, _ = run(tiny_models, naive=True)
+    nodes_c, nodes_n = cached.tree_dict()["nodes"], naive.tree_dict()["nodes"]
+    assert [n["answer"] for n in nodes_c] == [n["answer"] for n in nodes_n]
+    assert [n["visits"] for n in nodes_c] == [n["visits"] for n in nodes_n]
+    for x, y in zip(nodes_c, nodes_n):
+        assert (x["value"] is None) == (y["value"] is None)
+        if x["value"] is not None:
+            assert x["value"] == pytest.approx(y["value"], abs=TOL)
+    assert naive.text == cached.text
+    assert naive.cost.strong_tokens_decoded > 2 * cached.cost.strong_tokens_decoded
+    assert naive.cost.weak_tokens_scored > 2 * cached.cost.weak_tokens_scored
+    assert naive.cost.strong_tokens_sampled == cached.cost.strong_tokens_sampled
+
+
+def test_a_search_frees_every_branch(tiny_models):
+    models = make_models(tiny_models, n_seq_max=8)  # far fewer ids than nodes: eviction at work
+    result = search(models, PROMPT, SearchSettings(**SMALL))
+    assert result.cost.tree_nodes > 8
+    for ctx in [models.strong] + models.proxy.contexts:
+        assert ctx.n_resident == 0 and ctx.kv_cells_used() == 0
+
+
+def test_chunks_never_end_inside_a_character(tiny_models):
+    result, _ = run(tiny_models, iterations=20, max_new_tokens=40)
+    for node in result.tree.walk():
+        if not node.terminal and node.chunk.n_new <= SMALL["chunk_tokens"] + 3:
+            assert not _ends_inside_a_character(node.chunk.answer)
+
+
+# --- the strong model: stop strings and limits -------------------------------------------
+
+
+def test_stop_string_spanning_tokens_ends_the_answer_before_it(tiny_models):
+    models = make_models(tiny_models)
+    greedy = SearchSettings(strategy="base", temperature=0.0, max_new_tokens=24)
+    full = search(models, PROMPT, greedy)
+    assert len(full.text) > 10
+    stop = full.text[4:9]
+    cut = full.text.index(stop)
+    stopped = search(models, PROMPT, greedy.with_(stop=("zzz-never", stop)))
+    assert stopped.text == full.text[:cut] and stopped.finish_reason == "stop"
+
+
+def test_max_new_tokens_bounds_every_answer(tiny_models):
+    result, _ = run(tiny_models, strategy="bon", samples=5, max_new_tokens=7)
+    for child in result.tree.children:
+        assert len(child.chunk.tokens) <= 7 and child.terminal
+
+
+def test_strong_expand_samples_with_and_without_replacement(tiny_models):
+    models = make_models(tiny_models)
+    strong = StrongModel(models.strong, PromptFormat(), SearchSettings(top_k=2).sampling, 8)
+    root = strong.start(PROMPT)
+    ((entropy, kids),) = strong.expand([root], 5, 1, distinct=True)
+    assert len(kids) == 2  # top-k 2 leaves two distinct first tokens
+    assert 0 < entropy <= 1.0
+
+
+# --- baselines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["base", "bon", "cbs", "w2s"])
+def test_every_strategy_answers(tiny_models, strategy):
+    result, _ = run(tiny_models, strategy=strategy, samples=3, beam_width=2)
+    assert result.strategy == strategy
+    assert result.cost.strong_tokens_sampled > 0
+    assert result.finish_reason in ("eos", "length", "stop") or result.source == "fallback_truncated"
+    if strategy != "base":
+        assert result.cost.weak_tokens_scored > 0
+
+
+def test_bon_returns_the_best_eos_scored_sample(tiny_models):
+    result, _ = run(tiny_models, strategy="bon", samples=4)
+    values = [c.eos_value for c in result.tree.children]
+    assert result.value == max(values)
+
+
+def test_cbs_keeps_the_best_beams_until_all_finish(tiny_models):
+    result, _ = run(tiny_models, strategy="cbs", children=3, beam_width=2, chunk_tokens=3, max_new_tokens=9)
+    assert result.finish_reason is not None
+    assert result.cost.iterations >= 3
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"strategy": "mcts"}, "unknown strategy"),
+        ({"children": 0}, "children"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
+        ({"iterations": 0}, "iterations"),
+        ({"samples": 0}, "samples"),
+        ({"beam_width": 0}, "beam_width"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": "abc"}, "stop"),
+        ({"fallback": "hope"}, "fallback"),
+    ],
+)
+def test_bad_settings(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SearchSettings(**changes)
+
+
+def test_empty_prompt(tiny_models):
+    with pytest.raises(ValueError, match="empty"):
+        search(make_models(tiny_models), "  ", SearchSettings())
