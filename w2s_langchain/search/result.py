@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .tree import Node
+from .treeview import tree_to_html
 
 
 @dataclass
@@ -54,7 +55,8 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the tree, as plain JSON-ready data."""
-        data = {k: v for k, v in asdict(self).items() if k != "tree"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tree"}
+        data["cost"] = asdict(self.cost)
         data["value"] = _finite_or_none(self.value)
         return data
 
@@ -86,8 +88,7 @@ class SearchResult:
         return {"prompt": self.prompt, "strategy": self.strategy, "answer": self.text, "nodes": nodes}
 
     def tree_html(self) -> str:
-        from .treeview import tree_to_html
-
+        """A self-contained HTML page drawing the tree."""
         return tree_to_html(self.tree_dict())
 
 

@@ -1,0 +1,87 @@
+"""Pure tree logic (no model needed): EA-PUCT selection and backpropagation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from w2s_langchain.search.strong import Chunk
+from w2s_langchain.search.tree import (
+    NEG_INF,
+    Node,
+    backpropagate,
+    ea_puct,
+    max_of_children,
+    mean_of_children,
+    select_path,
+)
+
+
+def node(value=0.0, prior=1.0, visits=1, entropy=None, finish=None, parent=None) -> Node:
+    return Node(Chunk([], b"", prior=prior, finish_reason=finish), parent=parent, visits=visits, value=value, entropy=entropy)
+
+
+def family(parent: Node, *children: Node) -> Node:
+    parent.children = list(children)
+    for child in children:
+        child.parent = parent
+    return parent
+
+
+def test_ea_puct_is_the_spec_formula():
+    parent = node(visits=9, entropy=2.0)
+    child = node(value=0.5, prior=0.3, visits=2)
+    c, w = 1.5, 0.2
+    expected = 0.5 + c * 0.3 * math.sqrt(9) / (1 + 2) * (1 + w * 2.0)
+    assert ea_puct(child, parent, c, w) == pytest.approx(expected)
+
+
+def test_selection_takes_the_best_ea_puct_child_at_every_level():
+    grandchild_a, grandchild_b = node(value=1.0, prior=0.1), node(value=0.2, prior=0.9)
+    left = family(node(value=1.0, prior=0.5, visits=3, entropy=1.0), grandchild_a, grandchild_b)
+    right = node(value=0.9, prior=0.5, visits=1)
+    root = family(node(visits=4, entropy=1.0), left, right)
+    score = lambda ch, p: ea_puct(ch, p, 2.0, 0.2)  # noqa: E731
+    path = select_path(root, score)
+    assert path[0] is root
+    for parent, chosen in zip(path, path[1:]):
+        assert chosen is max(parent.children, key=lambda ch: score(ch, parent))
+    assert path[-1].children == []
+
+
+def test_entropy_weight_moves_selection_toward_uncertain_parents_priors():
+    exploit = node(value=1.0, prior=0.1, visits=1)
+    explore = node(value=0.8, prior=0.9, visits=1)
+    calm = family(node(visits=1, entropy=0.0), exploit, explore)
+    # With c small, value wins when the parent is certain (or w = 0: plain PUCT)...
+    assert select_path(calm, lambda ch, p: ea_puct(ch, p, 0.2, 0.2))[-1] is exploit
+    assert select_path(calm, lambda ch, p: ea_puct(ch, p, 0.2, 0.0))[-1] is exploit
+    # ...and a high-entropy parent widens the bonus enough for the high prior.
+    uncertain = family(node(visits=1, entropy=8.0), exploit, explore)
+    assert select_path(uncertain, lambda ch, p: ea_puct(ch, p, 0.2, 0.2))[-1] is explore
+
+
+def test_selection_stops_at_a_terminal_node():
+    done = node(value=2.0, finish="eos")
+    family(done, node(value=5.0))  # children of a finished node are never followed
+    root = family(node(visits=1), done, node(value=0.0))
+    assert select_path(root, lambda ch, p: ch.value)[-1] is done
+
+
+def test_max_backprop_along_the_path():
+    a, b = node(value=0.3), node(value=NEG_INF, finish="length")
+    leaf = family(node(value=0.0, visits=1), a, b)
+    mid = family(node(value=0.1, visits=2), leaf, node(value=-1.0))
+    root = family(node(visits=2), mid, node(value=0.05))
+    backpropagate([root, mid, leaf], max_of_children)
+    assert leaf.value == 0.3 and mid.value == 0.3 and root.value == 0.3
+    assert (leaf.visits, mid.visits, root.visits) == (2, 3, 3)
+
+
+def test_mean_backup_skips_unjudged_finished_children():
+    parent = family(node(), node(value=1.0), node(value=3.0), node(value=NEG_INF, finish="eos"))
+    assert mean_of_children(parent) == 2.0
+    assert max_of_children(parent) == 3.0
+    only_finished = family(node(), node(value=NEG_INF, finish="eos"))
+    assert mean_of_children(only_finished) == NEG_INF
