@@ -261,3 +261,10 @@ def test_bad_settings(changes, message):
 def test_empty_prompt(tiny_models):
     with pytest.raises(ValueError, match="empty"):
         search(make_models(tiny_models), "  ", SearchSettings())
+
+
+def test_beta_scales_every_value(tiny_models):
+    one, _ = run(tiny_models, strategy="bon", samples=3)
+    two, _ = run(tiny_models, strategy="bon", samples=3, beta=2.0)
+    assert two.text == one.text
+    assert two.value == pytest.approx(2 * one.value, rel=1e-6)

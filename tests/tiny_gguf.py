@@ -196,13 +196,18 @@ def _ones(n: int) -> np.ndarray:
     return np.ones(n, dtype=np.float32)
 
 
-def _llama_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndarray]:
-    head_dim = N_EMBD // N_HEAD
-    tensors = {
+def _embedding_and_head(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndarray]:
+    """The tensors every architecture here shares: token embeddings, final norm, output."""
+    return {
         "token_embd.weight": rng.standard_normal((n_vocab, N_EMBD)).astype(np.float32),
         "output_norm.weight": _ones(N_EMBD),
         "output.weight": _linear(rng, n_vocab, N_EMBD, gain=LOGIT_SCALE),
     }
+
+
+def _llama_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndarray]:
+    head_dim = N_EMBD // N_HEAD
+    tensors = _embedding_and_head(rng, n_vocab)
     for i in range(N_LAYER):
         blk = f"blk.{i}"
         tensors |= {
@@ -223,11 +228,7 @@ def _mamba_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndarr
     d_inner, d_state, dt_rank = MAMBA_D_INNER, MAMBA_D_STATE, MAMBA_DT_RANK
     # S4D-real initialisation: A = -(1..d_state) for every channel keeps the scan stable.
     ssm_a = -np.tile(np.arange(1, d_state + 1, dtype=np.float32), (d_inner, 1))
-    tensors = {
-        "token_embd.weight": rng.standard_normal((n_vocab, N_EMBD)).astype(np.float32),
-        "output_norm.weight": _ones(N_EMBD),
-        "output.weight": _linear(rng, n_vocab, N_EMBD, gain=LOGIT_SCALE),
-    }
+    tensors = _embedding_and_head(rng, n_vocab)
     for i in range(N_LAYER):
         blk = f"blk.{i}"
         tensors |= {

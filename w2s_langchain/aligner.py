@@ -137,7 +137,6 @@ class Aligner:
             proxy = Proxy(
                 WeakScorer(context_for(cfg.weak), cfg.weak.prompt),
                 WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt),
-                beta=cfg.search.beta,
             )
             # The strong model gets a context of its own even when it is also a weak one.
             strong_model = load_model(cfg.strong.model, rt.load_settings())

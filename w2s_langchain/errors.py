@@ -42,6 +42,10 @@ class ContextOverflowError(W2SError, ValueError):
     """A token sequence longer than the context can hold."""
 
 
+class ContextCreationError(W2SError, RuntimeError):
+    """llama.cpp could not create a context (usually: not enough memory)."""
+
+
 class ContextFullError(W2SError, RuntimeError):
     """The KV cache has no room left even after evicting every other branch."""
 

@@ -83,6 +83,7 @@ class Proxy:
     def __init__(self, aligned: WeakScorer, reference: WeakScorer, beta: float = 1.0):
         self.scorers = (aligned, reference)
         self.beta = beta
+        """Scale of V; a search sets it from its settings."""
         self._prompts: list[tuple[RenderedPrompt, list[int]]] = []
 
     @property

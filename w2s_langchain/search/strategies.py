@@ -67,13 +67,15 @@ class _Run:
 
     @contextmanager
     def active(self):
-        """Set the naive switch, take the cost snapshot; afterwards free every
-        branch the search made and restore the contexts."""
+        """Apply the per-search switches (naive, beta), take the cost snapshot;
+        afterwards free every branch the search made and restore the contexts."""
         self.started = time.perf_counter()
         self.before = [_snapshot(c) for c in self.contexts]
         saved = [c.reuse_prefixes for c in self.contexts]
         for c in self.contexts:
             c.reuse_prefixes = not self.settings.naive
+        if self.proxy is not None:
+            self.proxy.beta = self.settings.beta
         try:
             yield
         finally:
