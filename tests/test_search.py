@@ -268,3 +268,18 @@ def test_beta_scales_every_value(tiny_models):
     two, _ = run(tiny_models, strategy="bon", samples=3, beta=2.0)
     assert two.text == one.text
     assert two.value == pytest.approx(2 * one.value, rel=1e-6)
+
+
+def test_an_expansion_is_one_decode_per_token_and_one_per_weak_context(tiny_models):
+    models = make_models(tiny_models)
+    strong = StrongModel(models.strong, PromptFormat(), SearchSettings(top_k=0).sampling, 50)
+    root = strong.start(PROMPT)
+    before = models.strong.stats.decode_calls
+    ((_, kids),) = strong.expand([root], 4, 5, distinct=True)
+    assert models.strong.stats.decode_calls - before <= 5  # 1 for the parent + 4 steps for all children
+    proxy = models.proxy
+    parent = proxy.start(PROMPT)
+    contexts = proxy.contexts
+    calls = [c.stats.decode_calls for c in contexts]
+    proxy.extend([parent] * len(kids), [k.text for k in kids])
+    assert [c.stats.decode_calls - b for c, b in zip(contexts, calls)] == [1] * len(contexts)

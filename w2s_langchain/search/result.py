@@ -16,6 +16,8 @@ from .treeview import tree_to_html
 class SearchCost:
     """What a search spent."""
 
+    prompt_tokens: int = 0
+    """Tokens of the prompt as the strong model reads it."""
     strong_tokens_sampled: int = 0
     """Tokens the strong model sampled: the budget strategies are compared at."""
     strong_tokens_decoded: int = 0

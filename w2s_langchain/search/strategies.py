@@ -55,6 +55,7 @@ class _Run:
         self.progress = progress
         self.timer = PhaseTimer()
         self.iterations = 0
+        self.prompt_tokens = 0
         self.nodes: list[Node] = []
         self.strong = StrongModel(
             models.strong, models.strong_format, settings.sampling, settings.max_new_tokens, settings.stop,
@@ -90,6 +91,7 @@ class _Run:
 
     def root(self) -> Node:
         node = Node(self.strong.start(self.prompt), proxy=self.proxy.start(self.prompt) if self.proxy else None)
+        self.prompt_tokens = len(node.chunk.branch)
         self.nodes.append(node)
         return node
 
@@ -133,6 +135,7 @@ class _Run:
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
         self.timer.seconds["total"] = time.perf_counter() - self.started
         cost = SearchCost(
+            prompt_tokens=self.prompt_tokens,
             strong_tokens_sampled=self.strong.tokens_sampled,
             strong_tokens_decoded=delta[0][0],  # contexts[0] is the strong one
             weak_tokens_scored=sum(d[0] for d in delta[1:]),
