@@ -16,7 +16,7 @@ from typing import Any
 
 from .engine import Context, LoadSettings, load_model
 from .errors import ContextOverflowError
-from .prompts import PromptFormat, render
+from .prompts import Prompt, PromptFormat, render
 from .search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
 from .search.strategies import Progress
 
@@ -112,7 +112,7 @@ class Aligner:
         self._models: SearchModels | None = None
         self._lock = threading.Lock()
 
-    def search(self, prompt: str, settings: SearchSettings | None = None, progress: Progress | None = None) -> SearchResult:
+    def search(self, prompt: Prompt, settings: SearchSettings | None = None, progress: Progress | None = None) -> SearchResult:
         settings = settings or self.config.search
         with self._lock:
             models = self._load()
@@ -146,7 +146,7 @@ class Aligner:
         return self._models
 
     @staticmethod
-    def _check_fits(models: SearchModels, prompt: str, settings: SearchSettings) -> None:
+    def _check_fits(models: SearchModels, prompt: Prompt, settings: SearchSettings) -> None:
         """One answer path must fit each context (more branches are evicted and
         rebuilt as needed). A weak tokenizer may need more tokens than the strong
         one for the same text: we allow it twice as many."""

@@ -4,137 +4,30 @@
     llm.invoke("The hotel room was")               # a search; returns the answer
     llm.invoke("The hotel room was", iterations=80, stop=["\\n"])   # per call
     chain = prompt | llm | StrOutputParser()       # LCEL
-
-Start from a preset (a JSON config, see w2s_langchain/presets/) and override any
-of its settings with the fields below. Models load on first use and are shared
-by every instance with the same models and runtime settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict
 
-from .aligner import DEFAULT_PRESET, Aligner, AlignerConfig, Role, load_preset
-from .prompts import PromptFormat
-from .search import SearchResult, SearchSettings
-
-# Search settings a field (or a per-call keyword) may override.
-_SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings))
-_RUNTIME_FIELDS = ("n_ctx", "n_batch", "n_threads", "n_seq_max", "n_gpu_layers", "use_mmap", "use_mlock")
-
-_aligners: dict[tuple, Aligner] = {}
-_aligners_lock = threading.Lock()
+from .aligned_settings import AlignedModelSettings, answer_pieces, generation_info
 
 
-def _shared_aligner(config: AlignerConfig) -> Aligner:
-    """One aligner (its contexts) per set of models and runtime settings, process-wide."""
-    key = (config.strong, config.weak, config.weak_ref, config.runtime)
-    with _aligners_lock:
-        if key not in _aligners:
-            _aligners[key] = Aligner(config)
-        return _aligners[key]
+class W2SAlignedLLM(AlignedModelSettings, LLM):
+    """A strong local GGUF model whose answers two weak GGUF models steer
+    (W2S-AlignTree). See `AlignedModelSettings` for the fields."""
 
-
-class W2SAlignedLLM(LLM):
-    """A strong local GGUF model whose answers two weak GGUF models steer (W2S-AlignTree)."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    preset: str = DEFAULT_PRESET
-    """Preset name or path of a preset .json: the base of every setting below."""
-    strong: str | None = None
-    """Strong model: registry name or path to a .gguf file."""
-    weak: str | None = None
-    """Weak aligned model."""
-    weak_ref: str | None = None
-    """Weak reference model (may be the same file as `weak`: then the prompts differ)."""
-    strong_prompt: dict[str, Any] | None = None
-    """How the strong model sees the prompt (PromptFormat fields: format, system, user, ...)."""
-    weak_prompt: dict[str, Any] | None = None
-    """How the aligned weak model sees it, e.g. {"format": "chat", "system": "You always ..."}."""
-    weak_ref_prompt: dict[str, Any] | None = None
-    """How the weak reference sees it."""
-
-    strategy: str | None = None
-    """"w2s", "bon", "cbs" or "base"."""
-    iterations: int | None = None
-    """m: MCTS iterations."""
-    children: int | None = None
-    """K: children per expansion (chunks per beam for cbs)."""
-    chunk_tokens: int | None = None
-    """L: tokens per chunk."""
-    c: float | None = None
-    """Exploration constant."""
-    entropy_weight: float | None = None
-    """w of EA-PUCT."""
-    num_select: int | None = None
-    """Stage-2 candidates."""
-    samples: int | None = None
-    """N for Best-of-N."""
-    beam_width: int | None = None
-    """W for beam search."""
-    max_new_tokens: int | None = None
-    """Most answer tokens."""
-    stop: list[str] | None = None
-    """Stop strings (a call's `stop` adds to them)."""
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    """Same seed, same settings, same models: same answer."""
-    beta: float | None = None
-    backup: str | None = None
-    terminal_reward: str | None = None
-    stage2_nonterminal: bool | None = None
-    fallback: str | None = None
-    naive: bool | None = None
-
-    n_ctx: int | None = None
-    """KV cells per model context."""
-    n_batch: int | None = None
-    n_threads: int | None = None
-    n_seq_max: int | None = None
-    n_gpu_layers: int | None = None
-    """Layers offloaded to the GPU (-1: all), for Metal / CUDA builds of llama.cpp."""
-    use_mmap: bool | None = None
-    use_mlock: bool | None = None
-
-    model_name: str = Field(default="w2s-aligntree")
-    """Name shown in traces."""
-
-    def model_post_init(self, __context: Any) -> None:
-        self._build_config()  # checks every setting now; loads nothing
-
-    @property
-    def _config(self) -> AlignerConfig:
-        # Built on each use (cheap), so a field changed after construction counts.
-        return self._build_config()
-
-    # --- LangChain's interface ---------------------------------------------------
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @property
     def _llm_type(self) -> str:
         return "w2s-aligned"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        """Everything that changes the answer, so a cache never serves another's."""
-        cfg = self._config
-        return {
-            "model_name": self.model_name,
-            "strong": dataclasses.asdict(cfg.strong),
-            "weak": dataclasses.asdict(cfg.weak),
-            "weak_ref": dataclasses.asdict(cfg.weak_ref),
-            "search": cfg.search.to_dict(),
-        }
 
     def _call(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any) -> str:
         return self._search(prompt, stop, run_manager, kwargs).text
@@ -143,89 +36,22 @@ class W2SAlignedLLM(LLM):
         generations, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for prompt in prompts:
             result = self._search(prompt, stop, run_manager, kwargs)
-            generations.append([Generation(text=result.text, generation_info=_generation_info(result))])
+            generations.append([Generation(text=result.text, generation_info=generation_info(result))])
             usage["prompt_tokens"] += result.cost.prompt_tokens
             usage["completion_tokens"] += result.cost.strong_tokens_sampled
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": self.model_name})
 
-    def _stream(self, prompt: str, stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+    def _stream(
+        self, prompt: str, stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
+    ) -> Iterator[GenerationChunk]:
         """The search has to finish before the answer is known; while it runs,
         progress goes to the callbacks as "w2s_progress" custom events. Then the
         answer comes in pieces of a few words."""
         result = self._search(prompt, stop, run_manager, kwargs)
-        pieces = _pieces(result.text)
+        pieces = answer_pieces(result.text)
         for i, piece in enumerate(pieces):
-            info = _generation_info(result) if i == len(pieces) - 1 else None
-            chunk = GenerationChunk(text=piece, generation_info=info)
+            chunk = GenerationChunk(text=piece, generation_info=generation_info(result) if i == len(pieces) - 1 else None)
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-
-    def get_num_tokens(self, text: str) -> int:
-        """Tokens of `text` for the strong model's tokenizer."""
-        from .engine import load_model
-
-        runtime = self._config.runtime
-        return len(load_model(self._config.strong.model, runtime.load_settings()).tokenize(text))
-
-    # --- internals -------------------------------------------------------------------
-
-    def _build_config(self) -> AlignerConfig:
-        base = load_preset(self.preset)
-        roles = {}
-        for name in ("strong", "weak", "weak_ref"):
-            role = getattr(base, name)
-            model = getattr(self, name) or role.model
-            prompt = getattr(self, f"{name}_prompt")
-            roles[name] = Role(model, PromptFormat(**prompt) if prompt is not None else role.prompt)
-        search = base.search.with_(**{k: getattr(self, k) for k in _SEARCH_FIELDS if getattr(self, k) is not None})
-        runtime = dataclasses.replace(
-            base.runtime, **{k: getattr(self, k) for k in _RUNTIME_FIELDS if getattr(self, k) is not None}
-        )
-        runtime.load_settings()  # checks n_gpu_layers
-        return dataclasses.replace(base, search=search, runtime=runtime, **roles)
-
-    def _search(self, prompt: str, stop: list[str] | None, run_manager, overrides: dict[str, Any]) -> SearchResult:
-        config = self._config
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
-            raise TypeError(f"stop must be a list of strings, got {stop!r}")
-        settings = config.search.with_(**overrides)
-        if stop:
-            settings = settings.with_(stop=tuple(settings.stop) + tuple(stop))
-
-        # Progress reaches the callbacks as custom events of this LLM run (they
-        # show up in astream_events as "on_custom_event").
-        events = (
-            CallbackManager(run_manager.handlers, tags=run_manager.tags, metadata=run_manager.metadata)
-            if run_manager
-            else None
-        )
-
-        def progress(done: int, total: int, what: str) -> None:
-            if events is not None:
-                events.on_custom_event("w2s_progress", {"done": done, "total": total, "what": what}, run_id=run_manager.run_id)
-
-        return _shared_aligner(config).search(prompt, settings, progress)
-
-
-def _generation_info(result: SearchResult) -> dict[str, Any]:
-    info = result.to_dict()
-    info.pop("prompt")
-    info.pop("text")
-    return info
-
-
-def _pieces(text: str, words: int = 3) -> list[str]:
-    """Split text into pieces of a few words, keeping every character."""
-    parts, current, count = [], "", 0
-    for ch in text:
-        current += ch
-        if ch.isspace() and current.strip():
-            count += 1
-            if count == words:
-                parts.append(current)
-                current, count = "", 0
-    if current or not parts:
-        parts.append(current)
-    return parts

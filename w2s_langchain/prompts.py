@@ -66,21 +66,69 @@ class RenderedPrompt:
         return list(self.tokens) + model.tokenize(self.plain + answer)
 
 
-def render(model: Model, fmt: PromptFormat, prompt: str) -> RenderedPrompt:
-    """Render `prompt` for `model` in format `fmt`."""
+Message = dict[str, str]
+"""{"role": "system" | "user" | "assistant", "content": text}."""
+Prompt = str | list[Message]
+"""A prompt: text, or a conversation whose answer is the next assistant turn."""
+
+_ROLES = ("system", "user", "assistant")
+
+
+def check_prompt(prompt: Prompt) -> None:
+    """A clear error for an empty prompt or a malformed conversation."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: give the text to answer or continue")
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("a conversation must be a non-empty list of messages")
+    for message in prompt:
+        if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f'each message needs a role ({", ".join(_ROLES)}) and text content, got {message!r}')
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError("the conversation is empty: every message has empty content")
+
+
+def render(model: Model, fmt: PromptFormat, prompt: Prompt) -> RenderedPrompt:
+    """Render `prompt` for `model` in format `fmt`. In `fmt`, "{prompt}" stands for
+    the prompt text, or for a conversation's last user message."""
+    conversation = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    last_user = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
     if fmt.format == "plain":
-        return _split(model, fmt.plain.replace("{prompt}", prompt), model.eos)
+        text = prompt if isinstance(prompt, str) else _transcript(conversation)
+        return _split(model, fmt.plain.replace("{prompt}", text), model.eos)
     template = fmt.chat_template or model.chat_template
     if not template:
         raise ValueError(
             f"{model.path.name} has no chat template: give one (chat_template=...) or use the plain format"
         )
-    messages = ([{"role": "system", "content": fmt.system}] if fmt.system is not None else []) + [
-        {"role": "user", "content": fmt.user.replace("{prompt}", prompt)}
-    ]
+    messages = _with_system(fmt.system, _with_user_template(fmt.user, conversation))
     text = render_chat_template(model, template, messages, add_generation_prompt=True)
-    text += fmt.assistant_prefix.replace("{prompt}", prompt)
+    text += fmt.assistant_prefix.replace("{prompt}", last_user)
     return _split(model, text, _end_of_assistant_turn(model, template, messages))
+
+
+def _transcript(conversation: list[Message]) -> str:
+    """A conversation as plain text, for models without a chat template."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in conversation]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def _with_user_template(user: str, conversation: list[Message]) -> list[Message]:
+    last = max((i for i, m in enumerate(conversation) if m["role"] == "user"), default=None)
+    return [
+        {"role": m["role"], "content": user.replace("{prompt}", m["content"])} if i == last else dict(m)
+        for i, m in enumerate(conversation)
+    ]
+
+
+def _with_system(system: str | None, messages: list[Message]) -> list[Message]:
+    """The role's own system message comes first, before any the conversation has."""
+    if system is None:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": system}] + messages
 
 
 def render_chat_template(model: Model, template: str, messages: list[dict], *, add_generation_prompt: bool) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine import Branch, Context
-from ..prompts import PromptFormat, RenderedPrompt, render
+from ..prompts import Prompt, PromptFormat, RenderedPrompt, render
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -57,7 +57,7 @@ class WeakScorer:
         self.model = context.model
         self.prompt_format = prompt_format
 
-    def start(self, prompt: str) -> tuple[RenderedPrompt, WeakState]:
+    def start(self, prompt: Prompt) -> tuple[RenderedPrompt, WeakState]:
         rendered = render(self.model, self.prompt_format, prompt)
         tokens = rendered.tokenize_with(self.model, "")
         if not tokens:
@@ -91,7 +91,7 @@ class Proxy:
         """The distinct contexts the weak models run in."""
         return list({id(s.context): s.context for s in self.scorers}.values())
 
-    def start(self, prompt: str) -> ProxyState:
+    def start(self, prompt: Prompt) -> ProxyState:
         started = [scorer.start(prompt) for scorer in self.scorers]
         self._prompts = [(rendered, state.tokens) for rendered, state in started]
         return ProxyState((started[0][1], started[1][1]), 0.0)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..prompts import Prompt
 from .tree import Node
 from .treeview import tree_to_html
 
@@ -39,7 +40,8 @@ class SearchCost:
 class SearchResult:
     """The answer of one search."""
 
-    prompt: str
+    prompt: Prompt
+    """The prompt: text, or a conversation (a list of role/content messages)."""
     text: str
     """The answer (the strong model's continuation, without the prompt)."""
     value: float | None
@@ -64,8 +66,9 @@ class SearchResult:
 
     def tree_dict(self) -> dict[str, Any]:
         """The tree as plain data (see treeview.py for the schema)."""
+        prompt = self.prompt if isinstance(self.prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
         if self.tree is None:
-            return {"prompt": self.prompt, "strategy": self.strategy, "answer": self.text, "nodes": []}
+            return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": []}
         ids = {id(node): i for i, node in enumerate(self.tree.walk())}
         chosen = _chosen_path(self.tree, self.text)
         nodes = []
@@ -87,7 +90,7 @@ class SearchResult:
                     "chosen": id(node) in chosen,
                 }
             )
-        return {"prompt": self.prompt, "strategy": self.strategy, "answer": self.text, "nodes": nodes}
+        return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": nodes}
 
     def tree_html(self) -> str:
         """A self-contained HTML page drawing the tree."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine import Context
-from ..prompts import PromptFormat
+from ..prompts import Prompt, PromptFormat, check_prompt
 from .proxy import Proxy
 from .result import PhaseTimer, SearchCost, SearchResult
 from .settings import SearchSettings
@@ -35,10 +35,9 @@ class SearchModels:
     proxy: Proxy | None
 
 
-def search(models: SearchModels, prompt: str, settings: SearchSettings, progress: Progress | None = None) -> SearchResult:
+def search(models: SearchModels, prompt: Prompt, settings: SearchSettings, progress: Progress | None = None) -> SearchResult:
     """Answer `prompt` with the strategy the settings name."""
-    if not prompt.strip():
-        raise ValueError("the prompt is empty: give the text to answer or continue")
+    check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
     run = _Run(models, prompt, settings, progress or (lambda done, total, what: None))
@@ -49,7 +48,7 @@ def search(models: SearchModels, prompt: str, settings: SearchSettings, progress
 class _Run:
     """One search in progress: its models, settings, nodes and cost counters."""
 
-    def __init__(self, models: SearchModels, prompt: str, settings: SearchSettings, progress: Progress):
+    def __init__(self, models: SearchModels, prompt: Prompt, settings: SearchSettings, progress: Progress):
         self.prompt = prompt
         self.settings = settings
         self.progress = progress

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine import Branch, Context, SamplingSettings, warp
-from ..prompts import PromptFormat, render
+from ..prompts import Prompt, PromptFormat, render
 
 # A chunk never ends inside a UTF-8 character: it samples up to this many extra
 # tokens to complete one (a character is at most 4 bytes).
@@ -68,11 +68,11 @@ class StrongModel:
         self.stop = tuple(s.encode("utf-8") for s in stop if s)
         self.tokens_sampled = 0
 
-    def prompt_tokens(self, prompt: str) -> list[int]:
+    def prompt_tokens(self, prompt: Prompt) -> list[int]:
         rendered = render(self.model, self.prompt_format, prompt)
         return rendered.tokenize_with(self.model, "")
 
-    def start(self, prompt: str) -> Chunk:
+    def start(self, prompt: Prompt) -> Chunk:
         """The root: the prompt, no answer yet."""
         return Chunk(tokens=[], answer=b"", branch=self.context.new_branch(self.prompt_tokens(prompt)))
 
