@@ -212,8 +212,9 @@ def test_more_branches_than_sequence_ids_in_one_call(tiny, prompt_tokens):
 # --- loading and sharing ---------------------------------------------------------
 
 
-def test_a_model_is_loaded_once_and_freed_with_its_last_user(tiny_models):
-    path = tiny_models.tiny_b
+def test_a_model_is_loaded_once_and_freed_with_its_last_user(tiny_models, tmp_path):
+    path = tmp_path / "only_here.gguf"  # a file no other test holds
+    path.write_bytes(tiny_models.tiny_b.read_bytes())
     model = load_model(path)
     assert load_model(str(path)) is model
     assert load_model(path, LoadSettings(use_mmap=False)) is not model

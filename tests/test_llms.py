@@ -169,3 +169,22 @@ def test_bad_input_is_refused_before_any_search_and_the_instance_stays_usable(ma
     with pytest.raises(Exception, match="w2s-models pull"):
         make_llm(strong="qwen2.5-coder-1.5b-instruct").invoke(PROMPT)
     assert llm.invoke(PROMPT)  # still usable
+
+
+def test_models_are_freed_with_the_last_component_using_them(make_llm, tiny_models, tmp_path):
+    import gc
+    import weakref
+
+    path = tmp_path / "strong.gguf"
+    path.write_bytes(tiny_models.tiny_c.read_bytes())
+    first, second = make_llm(strong=str(path)), make_llm(strong=str(path), iterations=2)
+    first.invoke(PROMPT)
+    second.invoke(PROMPT)
+    model = weakref.ref(load_model(path))
+    assert first._aligner is second._aligner  # one set of contexts, one copy of the weights
+    del first
+    gc.collect()
+    assert model() is not None
+    del second
+    gc.collect()
+    assert model() is None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from typing import Any
 
 from langchain_core.callbacks import CallbackManager
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from .aligner import DEFAULT_PRESET, Aligner, AlignerConfig, Role, load_preset
 from .engine import load_model
@@ -23,7 +24,9 @@ from .search import SearchResult, SearchSettings
 _SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings))
 _RUNTIME_FIELDS = ("n_ctx", "n_batch", "n_threads", "n_seq_max", "n_gpu_layers", "use_mmap", "use_mlock")
 
-_aligners: dict[tuple, Aligner] = {}
+# Weak values: an aligner, its contexts and its models live as long as some
+# component uses them, and are freed with the last one.
+_aligners: weakref.WeakValueDictionary[tuple, Aligner] = weakref.WeakValueDictionary()
 _aligners_lock = threading.Lock()
 
 
@@ -31,9 +34,10 @@ def _shared_aligner(config: AlignerConfig) -> Aligner:
     """One aligner (its contexts) per set of models and runtime settings, process-wide."""
     key = (config.strong, config.weak, config.weak_ref, config.runtime)
     with _aligners_lock:
-        if key not in _aligners:
-            _aligners[key] = Aligner(config)
-        return _aligners[key]
+        aligner = _aligners.get(key)
+        if aligner is None:
+            aligner = _aligners[key] = Aligner(config)
+        return aligner
 
 
 class AlignedModelSettings(BaseModel):
@@ -102,6 +106,8 @@ class AlignedModelSettings(BaseModel):
     """Make `invoke` stream internally (callbacks then receive the answer in pieces)."""
     model_name: str = Field(default="w2s-aligntree")
     """Name shown in traces."""
+
+    _aligner: Aligner | None = PrivateAttr(default=None)  # keeps the shared models alive
 
     def model_post_init(self, __context: Any) -> None:
         self._build_config()  # checks every setting now; loads nothing
@@ -175,7 +181,8 @@ class AlignedModelSettings(BaseModel):
             if events is not None:
                 events.on_custom_event("w2s_progress", {"done": done, "total": total, "what": what}, run_id=run_manager.run_id)
 
-        return _shared_aligner(config).search(prompt, settings, progress)
+        self._aligner = _shared_aligner(config)
+        return self._aligner.search(prompt, settings, progress)
 
 
 def generation_info(result: SearchResult) -> dict[str, Any]:
