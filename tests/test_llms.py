@@ -166,6 +166,8 @@ def test_bad_input_is_refused_before_any_search_and_the_instance_stays_usable(ma
         llm.invoke(PROMPT, stop="abc")
     with pytest.raises(ValueError, match="empty"):
         llm.invoke("   ")
+    with pytest.raises(ValueError, match="do not fit the context"):
+        llm.invoke(PROMPT, max_new_tokens=600)  # n_ctx is 512
     with pytest.raises(Exception, match="w2s-models pull"):
         make_llm(strong="qwen2.5-coder-1.5b-instruct").invoke(PROMPT)
     assert llm.invoke(PROMPT)  # still usable

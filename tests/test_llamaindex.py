@@ -1,0 +1,69 @@
+"""W2SAlignedLlamaIndexLLM on the tiny models (real llama.cpp)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from llama_index.core.llms import ChatMessage
+
+from w2s_langchain.llamaindex_llm import W2SAlignedLlamaIndexLLM
+
+PLAIN = {"format": "plain"}
+
+
+@pytest.fixture
+def llm(tiny_models):
+    return W2SAlignedLlamaIndexLLM(
+        strong=str(tiny_models.tiny_a), weak=str(tiny_models.tiny_a), weak_ref=str(tiny_models.tiny_b),
+        strong_prompt={"format": "chat"}, weak_prompt=PLAIN, weak_ref_prompt=PLAIN,
+        iterations=4, chunk_tokens=3, max_tokens=9, n_ctx=512, n_threads=1, seed=4,
+    )
+
+
+def test_metadata_reports_the_real_context_and_chat_format(llm):
+    assert llm.metadata.context_window == 512
+    assert llm.metadata.num_output == 9
+    assert llm.metadata.is_chat_model
+
+
+def test_complete_stream_and_chat(llm):
+    answer = llm.complete("Once upon a time")
+    assert answer.text and answer.raw["strategy"] == "w2s"
+    deltas = [r.delta for r in llm.stream_complete("Once upon a time")]
+    assert "".join(deltas) == answer.text
+    reply = llm.chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")])
+    assert reply.message.role == "assistant" and reply.message.content
+
+
+def test_async_methods_do_not_block_the_loop(llm):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        answer = await llm.acomplete("Once upon a time")
+        reply = await llm.achat([ChatMessage(role="user", content="Hi")])
+        stream = await llm.astream_complete("Once upon a time")
+        deltas = [r.delta async for r in stream]
+        task.cancel()
+        return answer, reply, deltas, ticks
+
+    answer, reply, deltas, ticks = asyncio.run(main())
+    assert answer.text == llm.complete("Once upon a time").text
+    assert "".join(deltas) == answer.text and reply.message.content
+    assert ticks > 5
+
+
+def test_bad_input(llm, tiny_models):
+    with pytest.raises(ValueError, match="role 'tool'"):
+        llm.chat([ChatMessage(role="tool", content="3")])
+    with pytest.raises(ValueError):
+        W2SAlignedLlamaIndexLLM(children=0)
+    with pytest.raises(ValueError, match="unknown search settings"):
+        llm.complete("Hi", itrations=2)
