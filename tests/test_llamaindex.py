@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from llama_index.core.llms import ChatMessage
+from loop_ticker import run_while_ticking
 
 from w2s_langchain.llamaindex_llm import W2SAlignedLlamaIndexLLM
 
@@ -37,24 +36,13 @@ def test_complete_stream_and_chat(llm):
 
 
 def test_async_methods_do_not_block_the_loop(llm):
-    async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.001)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
+    async def work():
         answer = await llm.acomplete("Once upon a time")
         reply = await llm.achat([ChatMessage(role="user", content="Hi")])
         stream = await llm.astream_complete("Once upon a time")
-        deltas = [r.delta async for r in stream]
-        task.cancel()
-        return answer, reply, deltas, ticks
+        return answer, reply, [r.delta async for r in stream]
 
-    answer, reply, deltas, ticks = asyncio.run(main())
+    (answer, reply, deltas), ticks = run_while_ticking(work)
     assert answer.text == llm.complete("Once upon a time").text
     assert "".join(deltas) == answer.text and reply.message.content
     assert ticks > 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -12,6 +11,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from pydantic import ValidationError
 
+from loop_ticker import run_while_ticking
 from w2s_langchain.engine import load_model
 from w2s_langchain.engine import model as engine_model
 from w2s_langchain.llms import W2SAlignedLLM
@@ -93,22 +93,12 @@ def test_async_calls_do_not_block_the_loop_and_match_sequential_answers(make_llm
     prompts = [PROMPT, "The cat sat", "Hello there"]
     sequential = [llm.invoke(p) for p in prompts]
 
-    async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.001)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
+    async def work():
         answers = await llm.abatch(prompts)
         streamed = "".join([piece async for piece in llm.astream(PROMPT)])
-        task.cancel()
-        return answers, streamed, ticks
+        return answers, streamed
 
-    answers, streamed, ticks = asyncio.run(main())
+    (answers, streamed), ticks = run_while_ticking(work)
     assert answers == sequential
     assert streamed == sequential[0]
     assert ticks > 5  # the loop kept running while the searches ran in threads

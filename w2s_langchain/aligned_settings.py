@@ -129,18 +129,6 @@ class AlignedModelSettings(BaseModel):
             "search": cfg.search.to_dict(),
         }
 
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-        """What tracing (LangSmith) records about a call."""
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        search = self._config.search
-        params.update(
-            ls_provider="w2s_langchain",
-            ls_model_name=kwargs.get("model", self.model_name),
-            ls_temperature=kwargs.get("temperature", search.temperature),
-            ls_max_tokens=kwargs.get("max_new_tokens", search.max_new_tokens),
-        )
-        return params
-
     def get_num_tokens(self, text: str) -> int:
         """Tokens of `text` for the strong model's tokenizer."""
         runtime = self._config.runtime
@@ -183,6 +171,22 @@ class AlignedModelSettings(BaseModel):
 
         self._aligner = _shared_aligner(config)
         return self._aligner.search(prompt, settings, progress)
+
+
+class LangChainAligned(AlignedModelSettings):
+    """What the LangChain components (LLM and chat model) add: tracing parameters."""
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """What tracing (LangSmith) records about a call."""
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        search = self._config.search
+        params.update(
+            ls_provider="w2s_langchain",
+            ls_model_name=kwargs.get("model", self.model_name),
+            ls_temperature=kwargs.get("temperature", search.temperature),
+            ls_max_tokens=kwargs.get("max_new_tokens", search.max_new_tokens),
+        )
+        return params
 
 
 def generation_info(result: SearchResult) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
-from .aligned_settings import AlignedModelSettings, answer_pieces, generation_info
+from .aligned_settings import LangChainAligned, answer_pieces, generation_info
 from .prompts import Message
 from .search import SearchResult
 
@@ -51,7 +51,7 @@ def _usage(result: SearchResult) -> UsageMetadata:
     return UsageMetadata(input_tokens=prompt, output_tokens=answer, total_tokens=prompt + answer)
 
 
-class ChatW2SAligned(AlignedModelSettings, BaseChatModel):
+class ChatW2SAligned(LangChainAligned, BaseChatModel):
     """A strong local GGUF chat model whose answers two weak GGUF models steer
     (W2S-AlignTree). See `AlignedModelSettings` for the fields."""
 

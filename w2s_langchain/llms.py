@@ -16,10 +16,10 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from .aligned_settings import AlignedModelSettings, answer_pieces, generation_info
+from .aligned_settings import LangChainAligned, answer_pieces, generation_info
 
 
-class W2SAlignedLLM(AlignedModelSettings, LLM):
+class W2SAlignedLLM(LangChainAligned, LLM):
     """A strong local GGUF model whose answers two weak GGUF models steer
     (W2S-AlignTree). See `AlignedModelSettings` for the fields."""
 
