@@ -105,9 +105,9 @@ class _Run:
 
     def score(self, nodes: list[Node], *, eos: bool) -> None:
         """Proxy values of the nodes' answers (and eos-scored values with `eos`)."""
-        todo = [n for n in nodes if n.proxy is None]
         if not nodes:
             return
+        todo = [n for n in nodes if n.proxy is None]
         with self.timer("evaluate"):
             states = self.proxy.extend([n.parent.proxy for n in todo], [n.chunk.text for n in todo])
             for node, state in zip(todo, states):
