@@ -15,13 +15,14 @@ from typing import Any
 from langchain_core.callbacks import CallbackManager
 from pydantic import BaseModel, Field, PrivateAttr
 
-from .aligner import DEFAULT_PRESET, Aligner, AlignerConfig, Role, load_preset
+from .aligner import DEFAULT_PRESET, Aligner, AlignerConfig, load_preset
 from .engine import load_model
-from .prompts import Prompt, PromptFormat
+from .prompts import Prompt
 from .search import SearchResult, SearchSettings
 
 # Search settings a field (or a per-call keyword) may override.
 _SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings))
+_ROLES = ("strong", "weak", "weak_ref")
 _RUNTIME_FIELDS = ("n_ctx", "n_batch", "n_threads", "n_seq_max", "n_gpu_layers", "use_mmap", "use_mlock")
 
 # Weak values: an aligner, its contexts and its models live as long as some
@@ -135,19 +136,12 @@ class AlignedModelSettings(BaseModel):
         return len(load_model(self._config.strong.model, runtime.load_settings()).tokenize(text))
 
     def _build_config(self) -> AlignerConfig:
-        base = load_preset(self.preset)
-        roles = {}
-        for name in ("strong", "weak", "weak_ref"):
-            role = getattr(base, name)
-            model = getattr(self, name) or role.model
-            prompt = getattr(self, f"{name}_prompt")
-            roles[name] = Role(model, PromptFormat(**prompt) if prompt is not None else role.prompt)
-        search = base.search.with_(**{k: getattr(self, k) for k in _SEARCH_FIELDS if getattr(self, k) is not None})
-        runtime = dataclasses.replace(
-            base.runtime, **{k: getattr(self, k) for k in _RUNTIME_FIELDS if getattr(self, k) is not None}
+        return load_preset(self.preset).with_overrides(
+            models={name: getattr(self, name) for name in _ROLES},
+            prompts={name: getattr(self, f"{name}_prompt") for name in _ROLES},
+            search={k: getattr(self, k) for k in _SEARCH_FIELDS},
+            runtime={k: getattr(self, k) for k in _RUNTIME_FIELDS},
         )
-        runtime.load_settings()  # checks n_gpu_layers
-        return dataclasses.replace(base, search=search, runtime=runtime, **roles)
 
     def _search(self, prompt: Prompt, stop: list[str] | None, run_manager, overrides: dict[str, Any]) -> SearchResult:
         config = self._config

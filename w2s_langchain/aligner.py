@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .engine import Context, LoadSettings, load_model
+from .engine import Context, LoadSettings, Model, load_model
 from .errors import ContextOverflowError
 from .prompts import Prompt, PromptFormat, render
 from .search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
@@ -49,6 +50,15 @@ class Runtime:
     def load_settings(self) -> LoadSettings:
         return LoadSettings(self.n_gpu_layers, self.use_mmap, self.use_mlock)
 
+    def context_size(self, model: Model) -> int:
+        """The n_ctx a context of `model` gets."""
+        return self.n_ctx if self.n_ctx is not None else min(model.n_ctx_train, 4096)
+
+    def new_context(self, model: Model) -> Context:
+        return Context(
+            model, n_ctx=self.context_size(model), n_batch=self.n_batch, n_threads=self.n_threads, n_seq_max=self.n_seq_max
+        )
+
 
 @dataclass(frozen=True)
 class AlignerConfig:
@@ -60,6 +70,25 @@ class AlignerConfig:
     search: SearchSettings = field(default_factory=SearchSettings)
     runtime: Runtime = field(default_factory=Runtime)
     description: str = ""
+
+    def with_overrides(
+        self,
+        *,
+        models: Mapping[str, str | None] | None = None,
+        prompts: Mapping[str, dict[str, Any] | None] | None = None,
+        search: Mapping[str, Any] | None = None,
+        runtime: Mapping[str, Any] | None = None,
+    ) -> AlignerConfig:
+        """A copy with some settings changed (each checked); a None value keeps the
+        config's own. `models` and `prompts` are keyed by role: strong, weak, weak_ref."""
+        models, prompts = models or {}, prompts or {}
+        roles = {}
+        for name in ("strong", "weak", "weak_ref"):
+            role, prompt = getattr(self, name), prompts.get(name)
+            roles[name] = Role(models.get(name) or role.model, PromptFormat(**prompt) if prompt is not None else role.prompt)
+        new_runtime = replace(self.runtime, **_given(runtime))
+        new_runtime.load_settings()  # checks n_gpu_layers
+        return replace(self, search=self.search.with_(**_given(search)), runtime=new_runtime, **roles)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AlignerConfig:
@@ -79,6 +108,10 @@ class AlignerConfig:
             raise ValueError(f"a preset needs {err.args[0]!r}") from None
         except TypeError as err:  # an unknown field name inside a section
             raise ValueError(f"bad preset: {err}") from None
+
+
+def _given(changes: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (changes or {}).items() if v is not None}
 
 
 def _role(data: dict[str, Any]) -> Role:
@@ -128,10 +161,7 @@ class Aligner:
                 model = load_model(role.model, rt.load_settings())
                 key = str(model.path)
                 if key not in contexts:  # one context per model: roles sharing it score together
-                    n_ctx = rt.n_ctx if rt.n_ctx is not None else min(model.n_ctx_train, 4096)
-                    contexts[key] = Context(
-                        model, n_ctx=n_ctx, n_batch=rt.n_batch, n_threads=rt.n_threads, n_seq_max=rt.n_seq_max
-                    )
+                    contexts[key] = rt.new_context(model)
                 return contexts[key]
 
             proxy = Proxy(
@@ -139,9 +169,7 @@ class Aligner:
                 WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt),
             )
             # The strong model gets a context of its own even when it is also a weak one.
-            strong_model = load_model(cfg.strong.model, rt.load_settings())
-            n_ctx = rt.n_ctx if rt.n_ctx is not None else min(strong_model.n_ctx_train, 4096)
-            strong = Context(strong_model, n_ctx=n_ctx, n_batch=rt.n_batch, n_threads=rt.n_threads, n_seq_max=rt.n_seq_max)
+            strong = rt.new_context(load_model(cfg.strong.model, rt.load_settings()))
             self._models = SearchModels(strong, cfg.strong.prompt, proxy)
         return self._models
 

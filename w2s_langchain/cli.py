@@ -11,12 +11,11 @@ then from the flags. Everything is checked before any model loads.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from .aligner import DEFAULT_PRESET, Aligner, Role, load_preset, preset_names
+from .aligner import DEFAULT_PRESET, Aligner, load_preset, preset_names
 from .errors import W2SError
 from .search import STRATEGIES, SearchResult
 
@@ -65,25 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    config = load_preset(args.preset)
-    changes = {field: getattr(args, field) for _, field, _, _ in _SEARCH_FLAGS if getattr(args, field) is not None}
-    if args.stop:
-        changes["stop"] = tuple(args.stop)
-    if args.naive:
-        changes["naive"] = True
-    search = config.search.with_(**changes)
-    runtime = dataclasses.replace(
-        config.runtime,
-        **{k: v for k, v in (("n_ctx", args.n_ctx), ("n_threads", args.n_threads), ("n_gpu_layers", args.n_gpu_layers)) if v is not None},
-    )
-    roles = {
-        name: Role(model, getattr(config, name).prompt)
-        for name, model in (("strong", args.strong), ("weak", args.weak), ("weak_ref", args.weak_ref))
-        if model
-    }
     if not args.prompt.strip():
         raise ValueError("the prompt is empty: give the text to answer or continue")
-    return dataclasses.replace(config, search=search, runtime=runtime, **roles)
+    search = {field: getattr(args, field) for _, field, _, _ in _SEARCH_FLAGS}
+    search["stop"] = tuple(args.stop) if args.stop else None
+    search["naive"] = True if args.naive else None
+    return load_preset(args.preset).with_overrides(
+        models={"strong": args.strong, "weak": args.weak, "weak_ref": args.weak_ref},
+        search=search,
+        runtime={"n_ctx": args.n_ctx, "n_threads": args.n_threads, "n_gpu_layers": args.n_gpu_layers},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,9 +52,8 @@ class W2SAlignedLlamaIndexLLM(AlignedModelSettings, CustomLLM):
     def metadata(self) -> LLMMetadata:
         """With the strong model's real context window (loads the model if no n_ctx is set)."""
         config = self._config
-        n_ctx = config.runtime.n_ctx
-        if n_ctx is None:
-            n_ctx = min(load_model(config.strong.model, config.runtime.load_settings()).n_ctx_train, 4096)
+        runtime = config.runtime
+        n_ctx = runtime.n_ctx or runtime.context_size(load_model(config.strong.model, runtime.load_settings()))
         return LLMMetadata(
             context_window=n_ctx,
             num_output=config.search.max_new_tokens,
