@@ -166,6 +166,17 @@ def test_cached_and_naive_build_the_same_tree_at_different_cost(tiny_models):
     assert naive.cost.strong_tokens_sampled == cached.cost.strong_tokens_sampled
 
 
+def test_token_budget_stops_the_tree_search_once_spent(tiny_models):
+    free, _ = run(tiny_models, iterations=1000, max_new_tokens=24)
+    capped, _ = run(tiny_models, iterations=1000, max_new_tokens=24, token_budget=30)
+    # An expansion samples at most K * L = 9 tokens, so the cap is passed by less than that.
+    assert 30 <= capped.cost.strong_tokens_sampled < 30 + 9
+    assert capped.cost.iterations < free.cost.iterations
+    # The same seed grows the same tree up to the cap: every capped node is in the free tree.
+    answers = lambda result: {n["answer"] for n in result.tree_dict()["nodes"]}  # noqa: E731
+    assert answers(capped) < answers(free)
+
+
 def test_a_search_frees_every_branch(tiny_models):
     models = make_models(tiny_models, n_seq_max=8)  # far fewer ids than nodes: eviction at work
     result = search(models, PROMPT, SearchSettings(**SMALL))
@@ -251,6 +262,7 @@ def test_cbs_keeps_the_best_beams_until_all_finish(tiny_models):
         ({"top_p": 0}, "top_p"),
         ({"stop": "abc"}, "stop"),
         ({"fallback": "hope"}, "fallback"),
+        ({"token_budget": 0}, "token_budget"),
     ],
 )
 def test_bad_settings(changes, message):

@@ -63,6 +63,8 @@ class AlignedModelSettings(BaseModel):
     """"w2s", "bon", "cbs" or "base"."""
     iterations: int | None = None
     """m: MCTS iterations."""
+    token_budget: int | None = None
+    """Stop the tree search once the strong model has sampled this many tokens."""
     children: int | None = None
     """K: children per expansion (chunks per beam for cbs)."""
     chunk_tokens: int | None = None

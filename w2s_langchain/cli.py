@@ -23,6 +23,7 @@ from .search import STRATEGIES, SearchResult
 _SEARCH_FLAGS = [
     ("--strategy", "strategy", str, f"one of {', '.join(STRATEGIES)}"),
     ("--iterations", "iterations", int, "m: MCTS iterations (w2s)"),
+    ("--token-budget", "token_budget", int, "stop w2s once the strong model sampled this many tokens"),
     ("--children", "children", int, "K: children per expansion (w2s), chunks per beam (cbs)"),
     ("--chunk-tokens", "chunk_tokens", int, "L: tokens per chunk (w2s, cbs)"),
     ("--samples", "samples", int, "N: samples (bon)"),

@@ -28,6 +28,10 @@ class SearchSettings:
     """Exploration constant of (EA-)PUCT."""
     entropy_weight: float = 0.2
     """w in EA-PUCT; 0 gives plain PUCT."""
+    token_budget: int | None = None
+    """Stop growing the tree (w2s) once the strong model has sampled this many
+    tokens: a cap on compute, and how strategies are compared at a matched
+    budget. None: run all `iterations`."""
     num_select: int = 10
     """Stage 2 re-scores the terminal children of this many candidates (w2s)."""
     samples: int = 4
@@ -67,6 +71,10 @@ class SearchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.token_budget is not None and (
+            isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 1
+        ):
+            raise ValueError(f"token_budget must be a whole number >= 1 or None, got {self.token_budget!r}")
         for name in ("c", "entropy_weight", "beta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

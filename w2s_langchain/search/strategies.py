@@ -170,6 +170,8 @@ def _w2s(run: _Run) -> SearchResult:
     root = run.root()
     score = lambda child, parent: ea_puct(child, parent, s.c, s.entropy_weight)  # noqa: E731
     for i in range(s.iterations):
+        if s.token_budget is not None and run.strong.tokens_sampled >= s.token_budget:
+            break
         with run.timer("select"):
             path = select_path(root, score)
         leaf = path[-1]
