@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import llama_cpp
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.caches import InMemoryCache
@@ -14,6 +21,7 @@ from pydantic import ValidationError
 from loop_ticker import run_while_ticking
 from w2s_langchain.engine import load_model
 from w2s_langchain.engine import model as engine_model
+from w2s_langchain.errors import SearchTimeoutError
 from w2s_langchain.llms import W2SAlignedLLM
 
 PROMPT = "Once upon a time"
@@ -104,6 +112,46 @@ def test_async_calls_do_not_block_the_loop_and_match_sequential_answers(make_llm
     assert ticks > 5  # the loop kept running while the searches ran in threads
 
 
+ENDLESS = dict(iterations=1_000_000, chunk_tokens=1, max_new_tokens=100)
+
+
+def nothing_held(llm) -> bool:
+    models = llm._aligner._models
+    return all(c.n_resident == 0 and c.kv_cells_used() == 0 for c in [models.strong] + models.proxy.contexts)
+
+
+@pytest.mark.parametrize("call", ["ainvoke", "astream"])
+async def test_cancelling_an_async_call_stops_its_search(make_llm, call):
+    llm = make_llm(**ENDLESS, timeout=6.0)  # the timeout only bounds the test if cancelling fails
+    alone = llm.invoke(PROMPT, iterations=6, max_new_tokens=12)
+
+    async def endless():
+        if call == "ainvoke":
+            return await llm.ainvoke(PROMPT)
+        return [piece async for piece in llm.astream(PROMPT)]
+
+    task = asyncio.create_task(endless())
+    await asyncio.sleep(0.5)  # the search is running in its thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.perf_counter()
+    # The next call waits for the cancelled search to let go of the models: it
+    # only finishes quickly if that search stopped.
+    after = await llm.ainvoke(PROMPT, iterations=6, max_new_tokens=12)
+    assert time.perf_counter() - started < 2.0
+    assert after == alone
+    assert nothing_held(llm)
+
+
+def test_timeout_raises_or_answers_with_the_best_so_far(make_llm):
+    with pytest.raises(SearchTimeoutError):
+        make_llm(**ENDLESS, timeout=0.3).invoke(PROMPT)
+    result = make_llm(**ENDLESS, timeout=0.3, partial_answer=True).generate([PROMPT])
+    generation = result.generations[0][0]
+    assert generation.text and generation.generation_info["stopped"] == "timeout"
+
+
 def test_identifying_params_keep_the_cache_honest(make_llm):
     cache = InMemoryCache()
     small = make_llm(cache=cache, iterations=3)
@@ -163,20 +211,99 @@ def test_bad_input_is_refused_before_any_search_and_the_instance_stays_usable(ma
     assert llm.invoke(PROMPT)  # still usable
 
 
-def test_models_are_freed_with_the_last_component_using_them(make_llm, tiny_models, tmp_path):
-    import gc
-    import weakref
+@pytest.fixture
+def llama_frees(monkeypatch) -> list[tuple[str, int]]:
+    """Each call of llama.cpp's free functions for models and contexts, in order, as
+    ("model" | "context", handle); the real functions still run. Only models loaded
+    after this fixture is set up free through it (the engine binds the function at load)."""
+    calls = []
 
-    path = tmp_path / "strong.gguf"
-    path.write_bytes(tiny_models.tiny_c.read_bytes())
-    first, second = make_llm(strong=str(path)), make_llm(strong=str(path), iterations=2)
+    def recording(kind, free):
+        def record_and_free(handle):
+            calls.append((kind, handle))
+            free(handle)
+
+        return record_and_free
+
+    monkeypatch.setattr(llama_cpp, "llama_model_free", recording("model", llama_cpp.llama_model_free))
+    monkeypatch.setattr(llama_cpp, "llama_free", recording("context", llama_cpp.llama_free))
+    return calls
+
+
+def private_copy(model: Path, tmp_path: Path) -> Path:
+    """A copy of a model file that no other test loads."""
+    path = tmp_path / model.name
+    path.write_bytes(model.read_bytes())
+    return path
+
+
+def context_handles(llm) -> dict[int, Path]:
+    """The llama.cpp handles of a component's contexts, and the model file of each."""
+    models = llm._aligner._models
+    return {c._handle: c.model.path for c in [models.strong] + models.proxy.contexts}
+
+
+class SearchStarted(BaseCallbackHandler):
+    """Sets `event` at a search's first progress report."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def on_custom_event(self, name, data, **kwargs):
+        self.event.set()
+
+
+LONG_SEARCH = dict(iterations=300, chunk_tokens=2, max_new_tokens=100)  # about a second on the tiny models
+
+
+@pytest.mark.parametrize("contexts", ["shared", "own"])
+def test_models_are_freed_once_with_the_last_component_using_them(make_llm, tiny_models, tmp_path, llama_frees, contexts):
+    path = private_copy(tiny_models.tiny_c, tmp_path)
+    # The same runtime settings share one set of contexts; another n_ctx gets
+    # contexts of its own on the same weights.
+    first = make_llm(strong=str(path))
+    second = make_llm(strong=str(path), n_ctx=512 if contexts == "shared" else 256)
+    alone = second.invoke(PROMPT, **LONG_SEARCH)
     first.invoke(PROMPT)
-    second.invoke(PROMPT)
+    assert (first._aligner is second._aligner) == (contexts == "shared")
     model = weakref.ref(load_model(path))
-    assert first._aligner is second._aligner  # one set of contexts, one copy of the weights
-    del first
-    gc.collect()
-    assert model() is not None
+    model_handle = model().handle
+    first_contexts, second_contexts = context_handles(first), context_handles(second)
+    ours = {**first_contexts, **second_contexts}
+    our_frees = {("model", model_handle)} | {("context", h) for h in ours}
+
+    def frees_of_ours() -> list[tuple[str, int]]:  # other tests' garbage may be freed here too
+        return [call for call in llama_frees if call in our_frees]
+
+    started = SearchStarted()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(second.invoke, PROMPT, config={"callbacks": [started]}, **LONG_SEARCH)
+        assert started.event.wait(timeout=30)
+        del first  # while the second searches on the same weights
+        gc.collect()
+        assert not running.done()
+        assert model() is not None
+        assert sorted(frees_of_ours()) == sorted(("context", h) for h in first_contexts if h not in second_contexts)
+        assert running.result() == alone
+
     del second
     gc.collect()
     assert model() is None
+    assert sorted(frees_of_ours()) == sorted([("model", model_handle)] + [("context", h) for h in ours])  # each once
+
+
+def test_a_component_in_a_reference_cycle_frees_its_contexts_before_their_model(make_llm, tiny_models, tmp_path, llama_frees):
+    path = private_copy(tiny_models.tiny_c, tmp_path)
+    llm = make_llm(strong=str(path))
+    llm.invoke(PROMPT)
+    model_handle = load_model(path).handle
+    contexts = [h for h, file in context_handles(llm).items() if file == path]
+    # In a reference cycle, as a component often is (a callback that refers back to
+    # its chain), it and all it holds go in one collection, in an order of the
+    # collector's choosing.
+    cycle = [llm]
+    cycle.append(cycle)
+    del llm, cycle
+    gc.collect()
+    # llama.cpp reads the model while it frees a context: the model must go last.
+    assert llama_frees.index(("model", model_handle)) > max(llama_frees.index(("context", h)) for h in contexts)

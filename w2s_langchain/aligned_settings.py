@@ -7,10 +7,13 @@ use and are shared by every component with the same models and runtime settings.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import dataclasses
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from langchain_core.callbacks import CallbackManager
 from pydantic import BaseModel, Field, PrivateAttr
@@ -24,6 +27,28 @@ from .search import SearchResult, SearchSettings
 _SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings))
 _ROLES = ("strong", "weak", "weak_ref")
 _RUNTIME_FIELDS = ("n_ctx", "n_batch", "n_threads", "n_seq_max", "n_gpu_layers", "use_mmap", "use_mlock")
+
+# The cancel event of the async call a worker thread runs for (see `in_thread`).
+_cancel_event: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("w2s_cancel", default=None)
+
+_T = TypeVar("_T")
+
+
+async def in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run a blocking call (one that searches) in a worker thread without
+    blocking the event loop. Cancelling the awaiting task stops the search at
+    its next decode step, so it frees its sequences and the models' lock
+    instead of running on unseen."""
+    cancel = threading.Event()
+    token = _cancel_event.set(cancel)  # to_thread copies this context into the thread
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    finally:
+        _cancel_event.reset(token)
+
 
 # Weak values: an aligner, its contexts and its models live as long as some
 # component uses them, and are freed with the last one.
@@ -93,6 +118,10 @@ class AlignedModelSettings(BaseModel):
     terminal_reward: str | None = None
     stage2_nonterminal: bool | None = None
     fallback: str | None = None
+    timeout: float | None = None
+    """Seconds one search may run; then it raises SearchTimeoutError (a TimeoutError)."""
+    partial_answer: bool | None = None
+    """With `timeout` (or a KV cache too small to go on): answer with the best found so far instead of raising."""
     naive: bool | None = None
 
     n_ctx: int | None = None
@@ -166,7 +195,7 @@ class AlignedModelSettings(BaseModel):
                 events.on_custom_event("w2s_progress", {"done": done, "total": total, "what": what}, run_id=run_manager.run_id)
 
         self._aligner = _shared_aligner(config)
-        return self._aligner.search(prompt, settings, progress)
+        return self._aligner.search(prompt, settings, progress, _cancel_event.get())
 
 
 class LangChainAligned(AlignedModelSettings):

@@ -145,12 +145,19 @@ class Aligner:
         self._models: SearchModels | None = None
         self._lock = threading.Lock()
 
-    def search(self, prompt: Prompt, settings: SearchSettings | None = None, progress: Progress | None = None) -> SearchResult:
+    def search(
+        self,
+        prompt: Prompt,
+        settings: SearchSettings | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> SearchResult:
+        """One search (see `search.search`); `cancel`, set from another thread, stops it."""
         settings = settings or self.config.search
         with self._lock:
             models = self._load()
             self._check_fits(models, prompt, settings)
-            return search(models, prompt, settings, progress)
+            return search(models, prompt, settings, progress, cancel)
 
     def _load(self) -> SearchModels:
         if self._models is None:

@@ -10,17 +10,17 @@ strong model must have a chat template: pick an instruct model, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
-from .aligned_settings import LangChainAligned, answer_pieces, generation_info
+from .aligned_settings import LangChainAligned, answer_pieces, generation_info, in_thread
 from .prompts import Message
 from .search import SearchResult
 
@@ -73,6 +73,12 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
 
+    async def _agenerate(
+        self, messages: list[BaseMessage], stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
+    ) -> ChatResult:
+        """`_generate` in a worker thread; cancelling the caller stops the search."""
+        return await in_thread(self._generate, messages, stop, run_manager.get_sync() if run_manager else None, **kwargs)
+
     def _stream(
         self, messages: list[BaseMessage], stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> Iterator[ChatGenerationChunk]:
@@ -80,7 +86,24 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
         then the answer comes in pieces of a few words, the last one carrying the
         usage and the search's report."""
         result = self._search(to_conversation(messages), stop, run_manager, kwargs)
+        for chunk in self._chunks(result):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self, messages: list[BaseMessage], stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        sync_manager = run_manager.get_sync() if run_manager else None
+        result = await in_thread(self._search, to_conversation(messages), stop, sync_manager, kwargs)
+        for chunk in self._chunks(result):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    def _chunks(self, result: SearchResult) -> list[ChatGenerationChunk]:
         pieces = answer_pieces(result.text)
+        chunks = []
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             message = AIMessageChunk(
@@ -89,7 +112,5 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
                 response_metadata={"model_name": self.model_name, "finish_reason": result.finish_reason} if last else {},
                 chunk_position="last" if last else None,
             )
-            chunk = ChatGenerationChunk(message=message, generation_info=generation_info(result) if last else None)
-            if run_manager:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+            chunks.append(ChatGenerationChunk(message=message, generation_info=generation_info(result) if last else None))
+        return chunks

@@ -40,6 +40,7 @@ _SEARCH_FLAGS = [
     ("--backup", "backup", str, "max (paper) or mean"),
     ("--terminal-reward", "terminal_reward", str, "-inf (quirk) or eos"),
     ("--fallback", "fallback", str, "truncate or finish"),
+    ("--timeout", "timeout", float, "seconds the search may run"),
 ]
 
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, kind, text in _SEARCH_FLAGS:
         parser.add_argument(flag, type=kind, help=text)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--partial-answer", action="store_true", help="on timeout, print the best answer found so far")
     parser.add_argument("--naive", action="store_true", help="re-read every prefix (to measure the cache)")
     parser.add_argument("--n-ctx", type=int, help="KV cells per model")
     parser.add_argument("--n-threads", type=int, help="CPU threads")
@@ -70,6 +72,7 @@ def config_from_args(args: argparse.Namespace):
     search = {field: getattr(args, field) for _, field, _, _ in _SEARCH_FLAGS}
     search["stop"] = tuple(args.stop) if args.stop else None
     search["naive"] = True if args.naive else None
+    search["partial_answer"] = True if args.partial_answer else None
     return load_preset(args.preset).with_overrides(
         models={"strong": args.strong, "weak": args.weak, "weak_ref": args.weak_ref},
         search=search,
@@ -114,6 +117,7 @@ def summary(result: SearchResult) -> str:
         "best_of_n": "the best of the samples",
         "beam": "the top beam",
         "sample": "a plain sample",
+        "partial": f"the search was cut short ({result.stopped}): the best answer found so far",
     }[result.source]
     value = "n/a" if result.value is None else f"{result.value:.2f}"
     steps = f"{c.iterations} iterations, " if result.strategy in ("w2s", "cbs") else ""

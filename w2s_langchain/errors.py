@@ -24,11 +24,12 @@ class ModelNotPulledError(W2SError, FileNotFoundError):
 
 
 class ChecksumMismatchError(W2SError, ValueError):
-    """A file whose sha256 differs from the registry's."""
+    """A file whose size or sha256 differs from the registry's."""
 
 
 class PullError(W2SError, RuntimeError):
-    """Fetching the package that ships a model's weights failed."""
+    """Fetching, joining or storing a model's weights failed (pip, a full disk, a
+    models directory that cannot be written)."""
 
 
 # --- the engine ----------------------------------------------------------------
@@ -52,3 +53,23 @@ class ContextFullError(W2SError, RuntimeError):
 
 class DecodeError(W2SError, RuntimeError):
     """llama_decode failed for a reason other than a full KV cache."""
+
+
+# --- the search ------------------------------------------------------------------
+
+
+class SearchTimeoutError(W2SError, TimeoutError):
+    """A search ran past its `timeout` (set `partial_answer` to get the best
+    answer found so far instead)."""
+
+
+class SearchCancelledError(W2SError):
+    """A search stopped because its caller cancelled it."""
+
+
+# --- prompts ---------------------------------------------------------------------
+
+
+class ChatTemplateError(W2SError, ValueError):
+    """A chat template (code inside a model file) that fails, reaches for Python
+    internals, or runs too long or builds too much while rendering."""

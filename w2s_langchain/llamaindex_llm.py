@@ -11,7 +11,6 @@ and their contexts are shared with them.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import ConfigDict
 
-from .aligned_settings import AlignedModelSettings, answer_pieces, generation_info
+from .aligned_settings import AlignedModelSettings, answer_pieces, generation_info, in_thread
 from .engine import load_model
 from .prompts import Message
 
@@ -84,15 +83,15 @@ class W2SAlignedLlamaIndexLLM(AlignedModelSettings, CustomLLM):
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=generation_info(result))
 
     # The search is CPU-bound: the async methods run it in a thread so the event
-    # loop keeps going.
+    # loop keeps going, and cancelling the caller stops it.
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+        return await in_thread(self.complete, prompt, formatted, **kwargs)
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
+        return await in_thread(self.chat, messages, **kwargs)
 
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any):
-        responses = await asyncio.to_thread(lambda: list(self.stream_complete(prompt, formatted, **kwargs)))
+        responses = await in_thread(lambda: list(self.stream_complete(prompt, formatted, **kwargs)))
 
         async def replay():
             for response in responses:

@@ -8,15 +8,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from .aligned_settings import LangChainAligned, answer_pieces, generation_info
+from .aligned_settings import LangChainAligned, answer_pieces, generation_info, in_thread
+from .search import SearchResult
 
 
 class W2SAlignedLLM(LangChainAligned, LLM):
@@ -42,6 +43,12 @@ class W2SAlignedLLM(LangChainAligned, LLM):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": self.model_name})
 
+    async def _agenerate(
+        self, prompts: list[str], stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
+    ) -> LLMResult:
+        """`_generate` in a worker thread; cancelling the caller stops the search."""
+        return await in_thread(self._generate, prompts, stop, run_manager.get_sync() if run_manager else None, **kwargs)
+
     def _stream(
         self, prompt: str, stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> Iterator[GenerationChunk]:
@@ -49,9 +56,23 @@ class W2SAlignedLLM(LangChainAligned, LLM):
         progress goes to the callbacks as "w2s_progress" custom events. Then the
         answer comes in pieces of a few words."""
         result = self._search(prompt, stop, run_manager, kwargs)
-        pieces = answer_pieces(result.text)
-        for i, piece in enumerate(pieces):
-            chunk = GenerationChunk(text=piece, generation_info=generation_info(result) if i == len(pieces) - 1 else None)
+        for chunk in _chunks(result):
             if run_manager:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
+
+    async def _astream(
+        self, prompt: str, stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        result = await in_thread(self._search, prompt, stop, run_manager.get_sync() if run_manager else None, kwargs)
+        for chunk in _chunks(result):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+def _chunks(result: SearchResult) -> list[GenerationChunk]:
+    """The answer in pieces of a few words; the last carries the search's report."""
+    pieces = answer_pieces(result.text)
+    last = len(pieces) - 1
+    return [GenerationChunk(text=p, generation_info=generation_info(result) if i == last else None) for i, p in enumerate(pieces)]

@@ -17,6 +17,7 @@ from typing import TextIO
 
 from w2s_langchain.errors import W2SError
 from w2s_langchain.registry import (
+    MEGABYTE,
     ModelEntry,
     default_models_dir,
     is_pulled,
@@ -27,7 +28,6 @@ from w2s_langchain.registry import (
     resolve_model,
 )
 
-_MEGABYTE = 1_000_000
 # Without a terminal, report progress only at these steps (percent).
 _LOG_STEP_PERCENT = 25
 
@@ -93,7 +93,7 @@ def _list_row(entry: ModelEntry) -> tuple[str, ...]:
     return (
         entry.name,
         "yes" if is_pulled(entry) else "no",
-        f"{entry.size / _MEGABYTE:.1f}",
+        f"{entry.size / MEGABYTE:.1f}",
         entry.kind,
         entry.licence,
         "verified" if entry.verified else "UNVERIFIED",
@@ -113,6 +113,8 @@ def _run_pull(args: argparse.Namespace, registry: Mapping[str, ModelEntry]) -> i
             print(f"{entry.name}: already pulled, sha256 verified", file=sys.stderr)
         else:
             print(f"{entry.name}: pulled, sha256 verified", file=sys.stderr)
+        if not entry.verified:
+            print(f"{entry.name}: note: provenance {entry.provenance}", file=sys.stderr)
         print(path)
     return 0
 
@@ -133,7 +135,7 @@ class _ProgressLine:
         if percent // step == self._last_percent // step:
             return
         self._last_percent = percent
-        text = f"{self._name}: joined {done / _MEGABYTE:.1f} of {total / _MEGABYTE:.1f} MB"
+        text = f"{self._name}: joined {done / MEGABYTE:.1f} of {total / MEGABYTE:.1f} MB"
         text += f" ({percent}%)"
         if self._on_terminal:
             end = "\n" if done >= total else ""

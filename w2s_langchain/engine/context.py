@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -95,6 +96,8 @@ class ContextStats:
     """Tokens an operation needed that were already in the KV cache."""
     evictions: int = 0
     """Branches evicted to free a sequence id or KV cells."""
+    decode_seconds: float = 0.0
+    """Wall time spent inside llama_decode: the floor under anything built on it."""
 
 
 class Context:
@@ -159,7 +162,9 @@ class Context:
                 "probably not enough memory; lower n_ctx or n_batch."
             )
         batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._finalizer = weakref.finalize(self, _free_context, handle, batch)
+        # The finalizer holds the model, so the model outlives the context even when the
+        # garbage collector frees both in one pass (llama.cpp reads it in llama_free).
+        self._finalizer = weakref.finalize(self, _free_context, handle, batch, model)
 
         self.model = model
         self.n_ctx = llama_cpp.llama_n_ctx(handle)
@@ -345,7 +350,9 @@ class Context:
         self._batch.n_tokens = len(chunk)
         while True:
             self.stats.decode_calls += 1
+            started = time.perf_counter()
             status = llama_cpp.llama_decode(self._handle, self._batch)
+            self.stats.decode_seconds += time.perf_counter() - started
             if status == 0:
                 break
             if status == _DECODE_NO_KV_SLOT and self._evict_one(protected):
@@ -449,7 +456,8 @@ def _check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:
         raise ValueError(f"{name} must be an integer from {lo} to {hi} ({hi_name}), got {value!r}")
 
 
-def _free_context(handle, batch) -> None:
+def _free_context(handle, batch, model: Model) -> None:
+    """`model` is only held: while this finalizer lives, so does the model."""
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(handle)
 

@@ -12,10 +12,13 @@ import collections
 import ctypes
 import functools
 import logging
+import os
+import struct
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import llama_cpp
 
@@ -109,13 +112,128 @@ def load_model(name_or_path: str | Path, settings: LoadSettings | None = None) -
 
 
 def _check_gguf_header(path: Path) -> None:
+    """Refuse, with a clear message, a file that is not GGUF, or whose header claims
+    more than the file holds, or that would make llama.cpp abort the whole process
+    (it checks most things itself, but stops on a few with an assertion)."""
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != _GGUF_MAGIC:
+        if magic != _GGUF_MAGIC:
+            raise ModelLoadError(
+                f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). "
+                "Pass a .gguf model file, or a registry name (see `w2s-models list`)."
+            )
+        metadata = _GGUFHeaderReader(path, f).metadata()
+    _check_hyperparameters(path, metadata)
+
+
+# llama.cpp's limits (llama-hparams.h): it aborts the process on a model beyond them.
+_LLAMA_MAX_LAYERS = 512
+_LLAMA_MAX_EXPERTS = 1024
+
+# GGUF value types: the fixed-size ones (struct formats), strings and arrays.
+_GGUF_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_TOKENS_KEY = "tokenizer.ggml.tokens"
+
+
+class _GGUFHeaderReader:
+    """Reads a GGUF header and its metadata, checking every length and count it
+    claims against the bytes left in the file, so that a lying file costs nothing."""
+
+    def __init__(self, path: Path, file: BinaryIO):
+        self.path = path
+        self.file = file
+        self.left = os.fstat(file.fileno()).st_size - file.tell()
+
+    def metadata(self) -> dict[str, object]:
+        """The architecture, the integer values and the token list; {} for a GGUF
+        version this reader does not know (llama.cpp explains what it refuses)."""
+        if self.number("I", "the version") not in (2, 3):
+            return {}
+        n_tensors = self.number("Q", "the tensor count")
+        n_keys = self.number("Q", "the metadata key count")
+        # A tensor's description takes at least 24 bytes, a key and its value 13.
+        self.need(24 * n_tensors + 13 * n_keys, f"{n_tensors:,} tensors and {n_keys:,} metadata keys")
+        values: dict[str, object] = {}
+        for _ in range(n_keys):
+            key = self.string("a metadata key").decode("utf-8", errors="replace")
+            value = self.value(self.number("I", key), key)
+            if value is not None:
+                values[key] = value
+        return values
+
+    def value(self, kind: int, key: str) -> object:
+        """A number, the architecture's name or the token list; None for the rest
+        (read past, not kept)."""
+        if kind in _GGUF_FIXED:
+            return self.number(_GGUF_FIXED[kind], key)
+        if kind == _GGUF_STRING:
+            text = self.string(key)
+            return text.decode("utf-8", errors="replace") if key == "general.architecture" else None
+        if kind != _GGUF_ARRAY:
+            raise ModelLoadError(f"{self.path} is corrupt: metadata key {key!r} has unknown value type {kind}")
+        item_kind, count = self.number("I", key), self.number("Q", key)
+        if item_kind in _GGUF_FIXED:
+            self.take(count * struct.calcsize(_GGUF_FIXED[item_kind]), key)
+            return None
+        if item_kind != _GGUF_STRING:
+            raise ModelLoadError(
+                f"{self.path} is corrupt: metadata key {key!r} is an array of unknown type {item_kind}"
+            )
+        self.need(8 * count, f"{key} ({count:,} strings)")
+        items = [self.string(key) for _ in range(count)]
+        return items if key == _TOKENS_KEY else None
+
+    def number(self, fmt: str, what: str) -> int | float | bool:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> bytes:
+        return self.take(self.number("Q", what), what)
+
+    def take(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        self.left -= n
+        return self.file.read(n)
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise ModelLoadError(
+                f"{self.path} is corrupt or truncated: {what} would take {n:,} bytes, "
+                f"but only {self.left:,} are left in the file"
+            )
+
+
+def _check_hyperparameters(path: Path, metadata: dict[str, object]) -> None:
+    """The values llama.cpp asserts on (aborting the process) instead of reporting."""
+    arch = metadata.get("general.architecture")
+    layers = metadata.get(f"{arch}.block_count")
+    experts = metadata.get(f"{arch}.expert_count", 0)
+    used = metadata.get(f"{arch}.expert_used_count", 0)
+    problems = []
+    if isinstance(layers, int) and not 1 <= layers <= _LLAMA_MAX_LAYERS:
+        problems.append(f"{layers:,} layers (llama.cpp handles 1 to {_LLAMA_MAX_LAYERS})")
+    if isinstance(experts, int) and not 0 <= experts <= _LLAMA_MAX_EXPERTS:
+        problems.append(f"{experts:,} experts (llama.cpp handles up to {_LLAMA_MAX_EXPERTS})")
+    if isinstance(experts, int) and isinstance(used, int) and (used > experts or (used > 0) != (experts > 0)):
+        problems.append(f"{used:,} experts used for each token out of {experts:,}")
+    duplicate = _first_duplicate(metadata.get(_TOKENS_KEY, []))
+    if duplicate is not None:
+        problems.append(f"the token {duplicate!r} twice in its vocabulary")
+    if problems:
         raise ModelLoadError(
-            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). "
-            "Pass a .gguf model file, or a registry name (see `w2s-models list`)."
+            f"{path} is corrupt: it declares {'; '.join(problems)}. llama.cpp would abort the process on it."
         )
+
+
+def _first_duplicate(items: list[bytes]) -> bytes | None:
+    if len(set(items)) == len(items):  # the common case, at C speed
+        return None
+    seen: set[bytes] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 class Model:

@@ -29,6 +29,9 @@ class SearchCost:
     """Tokens the models needed that the KV cache already held (not re-read)."""
     decode_calls: int = 0
     """llama_decode calls, all models."""
+    decode_seconds: float = 0.0
+    """Wall time inside llama_decode, all models: the rest of `seconds["total"]`
+    is the search's own work (sampling, scoring, bookkeeping)."""
     iterations: int = 0
     """MCTS iterations run (w2s), steps (cbs)."""
     tree_nodes: int = 0
@@ -49,12 +52,16 @@ class SearchResult:
     strategy: str
     source: str
     """How the answer was chosen: "stage2", "best_of_n", "beam", "sample",
-    "fallback_truncated" (no finished answer: the best unfinished one) or
-    "fallback_finished" (that one, finished by the strong model)."""
+    "fallback_truncated" (no finished answer: the best unfinished one),
+    "fallback_finished" (that one, finished by the strong model) or "partial"
+    (the search was cut short: see `stopped`)."""
     finish_reason: str | None
     """"eos", "length", "stop", or None for a truncated answer."""
     settings: dict[str, Any]
     cost: SearchCost
+    stopped: str | None = None
+    """Why the search was cut short and answered early (`partial_answer`):
+    "timeout" or "context_full"; None when it ran to its end."""
     tree: Node | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ..engine import SamplingSettings
+from ..prompts import check_encodable
 
 STRATEGIES = ("w2s", "bon", "cbs", "base")
 
@@ -60,6 +61,13 @@ class SearchSettings:
     """With no finished answer in the tree: "truncate" returns the best unfinished
     one as it is (the reference code); "finish" continues it with the strong model,
     greedily by V, until it ends."""
+    timeout: float | None = None
+    """Seconds a search may run. When they are spent it stops within one decode
+    step and raises SearchTimeoutError (or answers, with `partial_answer`)."""
+    partial_answer: bool = False
+    """When a search is cut short (timeout, or a KV cache too small to go on),
+    return the best answer found so far (`SearchResult.stopped` says why)
+    instead of raising. Needs something to return: w2s and cbs only."""
     naive: bool = False
     """Re-read every prefix from scratch, as code without a KV cache does: the same
     tree at its cost. For checking the cache and measuring what it saves."""
@@ -79,6 +87,11 @@ class SearchSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.timeout is not None and not (
+            isinstance(self.timeout, (int, float)) and not isinstance(self.timeout, bool) and self.timeout > 0
+            and math.isfinite(self.timeout)
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {self.timeout!r}")
         if self.backup not in ("max", "mean"):
             raise ValueError(f'backup must be "max" or "mean", got {self.backup!r}')
         if self.terminal_reward not in ("-inf", "eos"):
@@ -87,6 +100,8 @@ class SearchSettings:
             raise ValueError(f'fallback must be "truncate" or "finish", got {self.fallback!r}')
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+        for stop in self.stop:
+            check_encodable(stop, "a stop string")
         object.__setattr__(self, "stop", tuple(self.stop))
         self.sampling  # checks temperature, top_k, top_p
 

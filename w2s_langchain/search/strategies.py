@@ -6,6 +6,7 @@ the strong model, the weak proxy, the settings and the cost counters of one sear
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine import Context
+from ..errors import ContextFullError, ContextOverflowError, SearchCancelledError, SearchTimeoutError
 from ..prompts import Prompt, PromptFormat, check_prompt
 from .proxy import Proxy
 from .result import PhaseTimer, SearchCost, SearchResult
@@ -35,12 +37,20 @@ class SearchModels:
     proxy: Proxy | None
 
 
-def search(models: SearchModels, prompt: Prompt, settings: SearchSettings, progress: Progress | None = None) -> SearchResult:
-    """Answer `prompt` with the strategy the settings name."""
+def search(
+    models: SearchModels,
+    prompt: Prompt,
+    settings: SearchSettings,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> SearchResult:
+    """Answer `prompt` with the strategy the settings name. Setting `cancel`
+    (from another thread) stops the search within one decode step with
+    SearchCancelledError; either way the search frees everything it held."""
     check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
-    run = _Run(models, prompt, settings, progress or (lambda done, total, what: None))
+    run = _Run(models, prompt, settings, progress or (lambda done, total, what: None), cancel)
     with run.active():
         return _STRATEGIES[settings.strategy](run)
 
@@ -48,17 +58,21 @@ def search(models: SearchModels, prompt: Prompt, settings: SearchSettings, progr
 class _Run:
     """One search in progress: its models, settings, nodes and cost counters."""
 
-    def __init__(self, models: SearchModels, prompt: Prompt, settings: SearchSettings, progress: Progress):
+    def __init__(
+        self, models: SearchModels, prompt: Prompt, settings: SearchSettings, progress: Progress, cancel: threading.Event | None
+    ):
         self.prompt = prompt
         self.settings = settings
         self.progress = progress
+        self.cancel = cancel
+        self.deadline: float | None = None
         self.timer = PhaseTimer()
         self.iterations = 0
         self.prompt_tokens = 0
         self.nodes: list[Node] = []
         self.strong = StrongModel(
             models.strong, models.strong_format, settings.sampling, settings.max_new_tokens, settings.stop,
-            rng=np.random.default_rng(settings.seed),
+            rng=np.random.default_rng(settings.seed), check=self.check,
         )
         self.proxy = models.proxy
         weak = self.proxy.contexts if self.proxy else []
@@ -70,6 +84,8 @@ class _Run:
         """Apply the per-search switches (naive, beta), take the cost snapshot;
         afterwards free every branch the search made and restore the contexts."""
         self.started = time.perf_counter()
+        if self.settings.timeout is not None:
+            self.deadline = self.started + self.settings.timeout
         self.before = [_snapshot(c) for c in self.contexts]
         saved = [c.reuse_prefixes for c in self.contexts]
         for c in self.contexts:
@@ -85,6 +101,24 @@ class _Run:
                     self.proxy.release(node.proxy)
             for c, reuse in zip(self.contexts, saved):
                 c.reuse_prefixes = reuse
+
+    def check(self) -> None:
+        """Stop here if the caller cancelled or the time is up."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise SearchCancelledError("the search was cancelled")
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise SearchTimeoutError(
+                f"the search ran past its timeout of {self.settings.timeout} s: raise `timeout`, lower the budget "
+                "(iterations, samples, max_new_tokens), or set `partial_answer` to get the best answer found so far"
+            )
+
+    def cut_short(self, root: Node, answer: Node | None, why: Exception) -> SearchResult:
+        """Answer with what the search found before `why` stopped it, when the
+        settings ask for that; otherwise raise `why`."""
+        if not self.settings.partial_answer or answer is None or answer is root:
+            raise why
+        stopped = "timeout" if isinstance(why, SearchTimeoutError) else "context_full"
+        return self.result(root, answer, answer.value, "partial", stopped=stopped)
 
     # --- building blocks -----------------------------------------------------
 
@@ -108,6 +142,7 @@ class _Run:
         if not nodes:
             return
         todo = [n for n in nodes if n.proxy is None]
+        self.check()
         with self.timer("evaluate"):
             states = self.proxy.extend([n.parent.proxy for n in todo], [n.chunk.text for n in todo])
             for node, state in zip(todo, states):
@@ -129,7 +164,7 @@ class _Run:
             child.visits = 1
             child.value = child.proxy.value if not child.terminal else (child.eos_value if terminal_reward == "eos" else NEG_INF)
 
-    def result(self, root: Node, answer: Node, value: float | None, source: str) -> SearchResult:
+    def result(self, root: Node, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
         after = [_snapshot(c) for c in self.contexts]
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
         self.timer.seconds["total"] = time.perf_counter() - self.started
@@ -140,6 +175,7 @@ class _Run:
             weak_tokens_scored=sum(d[0] for d in delta[1:]),
             tokens_from_cache=sum(d[1] for d in delta),
             decode_calls=sum(d[2] for d in delta),
+            decode_seconds=round(sum(d[3] for d in delta), 4),
             iterations=self.iterations,
             tree_nodes=sum(1 for _ in root.walk()),
             seconds={k: round(v, 4) for k, v in self.timer.seconds.items()},
@@ -153,13 +189,18 @@ class _Run:
             finish_reason=answer.chunk.finish_reason,
             settings=self.settings.to_dict(),
             cost=cost,
+            stopped=stopped,
             tree=root,
         )
 
 
-def _snapshot(context: Context) -> tuple[int, int, int]:
+def _snapshot(context: Context) -> tuple[int, int, int, float]:
     st = context.stats
-    return (st.tokens_decoded, st.tokens_reused, st.decode_calls)
+    return (st.tokens_decoded, st.tokens_reused, st.decode_calls, st.decode_seconds)
+
+
+# What may stop a search halfway yet leave an answer worth returning.
+_CUT_SHORT = (SearchTimeoutError, ContextFullError, ContextOverflowError)
 
 
 # --- W2S-AlignTree ------------------------------------------------------------------
@@ -169,21 +210,41 @@ def _w2s(run: _Run) -> SearchResult:
     s = run.settings
     root = run.root()
     score = lambda child, parent: ea_puct(child, parent, s.c, s.entropy_weight)  # noqa: E731
-    for i in range(s.iterations):
-        if s.token_budget is not None and run.strong.tokens_sampled >= s.token_budget:
-            break
-        with run.timer("select"):
-            path = select_path(root, score)
-        leaf = path[-1]
-        if leaf.terminal:
-            break  # the policy leads only to finished answers: nothing left to grow
-        run.expand([leaf], s.children, s.chunk_tokens, distinct=True)
-        run.evaluate_children(leaf, s.terminal_reward)
-        backpropagate(path, BACKUPS[s.backup])
-        run.iterations = i + 1
-        run.progress(i + 1, s.iterations, "iterations")
-    with run.timer("stage2"):
-        return _stage2(run, root)
+    try:
+        for i in range(s.iterations):
+            if s.token_budget is not None and run.strong.tokens_sampled >= s.token_budget:
+                break
+            with run.timer("select"):
+                path = select_path(root, score)
+            leaf = path[-1]
+            if leaf.terminal:
+                break  # the policy leads only to finished answers: nothing left to grow
+            run.expand([leaf], s.children, s.chunk_tokens, distinct=True)
+            run.evaluate_children(leaf, s.terminal_reward)
+            backpropagate(path, BACKUPS[s.backup])
+            run.iterations = i + 1
+            run.progress(i + 1, s.iterations, "iterations")
+        with run.timer("stage2"):
+            return _stage2(run, root)
+    except _CUT_SHORT as why:
+        _drop_unevaluated(run)
+        return run.cut_short(root, _best_path(root), why)
+
+
+def _drop_unevaluated(run: _Run) -> None:
+    """Take back the children of an expansion that was stopped before they were
+    valued, so the tree is the one the last whole iteration left."""
+    for node in run.nodes:
+        if node.children and any(child.visits == 0 for child in node.children):
+            node.children = []
+
+
+def _best_path(root: Node) -> Node:
+    """The end of the path that follows the highest backed-up value."""
+    node = root
+    while node.children:
+        node = max(node.children, key=lambda c: c.value)
+    return node
 
 
 def _stage2(run: _Run, root: Node) -> SearchResult:
@@ -208,9 +269,7 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
 def _fallback(run: _Run, root: Node) -> SearchResult:
     """No finished answer in the tree: the best unfinished path, returned as it is
     or finished by the strong model, choosing greedily by V."""
-    node = root
-    while node.children:
-        node = max(node.children, key=lambda c: c.value)
+    node = _best_path(root)
     if run.settings.fallback == "truncate" or node is root:
         return run.result(root, node, node.value, "fallback_truncated")
     s = run.settings
@@ -258,18 +317,22 @@ def _cbs(run: _Run) -> SearchResult:
     s = run.settings
     root = run.root()
     beams = [root]
-    while unfinished := [b for b in beams if not b.terminal]:
-        run.expand(unfinished, s.children, s.chunk_tokens, distinct=False)
-        children = [c for b in unfinished for c in b.children]
-        run.score([c for c in children if not c.terminal], eos=False)
-        if finished := [c for c in children if c.terminal]:
-            run.score(finished, eos=True)
-        for child in children:
-            child.visits, child.value = 1, child.eos_value if child.terminal else child.proxy.value
-        pool = [b for b in beams if b.terminal] + children
-        beams = sorted(pool, key=lambda n: n.value, reverse=True)[: s.beam_width]
-        run.iterations += 1
-        run.progress(max(len(b.chunk.tokens) for b in beams), s.max_new_tokens, "tokens")
+    try:
+        while unfinished := [b for b in beams if not b.terminal]:
+            run.expand(unfinished, s.children, s.chunk_tokens, distinct=False)
+            children = [c for b in unfinished for c in b.children]
+            run.score([c for c in children if not c.terminal], eos=False)
+            if finished := [c for c in children if c.terminal]:
+                run.score(finished, eos=True)
+            for child in children:
+                child.visits, child.value = 1, child.eos_value if child.terminal else child.proxy.value
+            pool = [b for b in beams if b.terminal] + children
+            beams = sorted(pool, key=lambda n: n.value, reverse=True)[: s.beam_width]
+            run.iterations += 1
+            run.progress(max(len(b.chunk.tokens) for b in beams), s.max_new_tokens, "tokens")
+    except _CUT_SHORT as why:
+        _drop_unevaluated(run)
+        return run.cut_short(root, beams[0], why)
     return run.result(root, beams[0], beams[0].value, "beam")
 
 

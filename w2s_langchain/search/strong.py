@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,14 +59,17 @@ class StrongModel:
         max_new_tokens: int,
         stop: tuple[str, ...] = (),
         rng: np.random.Generator | None = None,
+        check: Callable[[], None] = lambda: None,
     ):
         self.context = context
+        self.check = check
+        """Called before every decode step; raises to stop the search (timeout, cancel)."""
         self.rng = rng if rng is not None else context.rng
         self.model = context.model
         self.prompt_format = prompt_format
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
-        self.stop = tuple(s.encode("utf-8") for s in stop if s)
+        self.stop = tuple(s for s in stop if s)
         self.tokens_sampled = 0
 
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
@@ -88,22 +92,32 @@ class StrongModel:
             if parent.terminal or parent.branch is None:
                 raise ValueError("only an unfinished chunk that still holds its branch can be expanded")
         ctx, rng = self.context, self.rng
+        self.check()
         rows = ctx.next_logits([parent.branch for parent in parents])
         families: list[tuple[float, list[_Growth]]] = []
-        for parent, row in zip(parents, rows):
-            dist = warp(row, self.sampling)
-            firsts = dist.sample_distinct(rng, k) if distinct else [dist.sample(rng) for _ in range(k)]
-            growing = [_Growth(parent, ctx.fork(parent.branch)) for _ in firsts]
-            for child, token in zip(growing, firsts):
-                self._add(child, token, dist.prob(token))
-            families.append((dist.entropy_bits(), growing))
-            self.release(parent)
-        everyone = [child for _, growing in families for child in growing]
-        while active := [child for child in everyone if not child.done(chunk_tokens)]:
-            for child, row in zip(active, ctx.next_logits([child.branch for child in active])):
+        try:
+            for parent, row in zip(parents, rows):
                 dist = warp(row, self.sampling)
-                token = dist.sample(rng)
-                self._add(child, token, dist.prob(token))
+                firsts = dist.sample_distinct(rng, k) if distinct else [dist.sample(rng) for _ in range(k)]
+                growing = [_Growth(parent, ctx.fork(parent.branch)) for _ in firsts]
+                families.append((dist.entropy_bits(), growing))
+                for child, token in zip(growing, firsts):
+                    self._add(child, token, dist.prob(token))
+                self.release(parent)
+            everyone = [child for _, growing in families for child in growing]
+            while active := [child for child in everyone if not child.done(chunk_tokens)]:
+                self.check()
+                for child, row in zip(active, ctx.next_logits([child.branch for child in active])):
+                    dist = warp(row, self.sampling)
+                    token = dist.sample(rng)
+                    self._add(child, token, dist.prob(token))
+        except BaseException:
+            # Stopped halfway (timeout, cancel, Ctrl-C, a full cache): the children
+            # are not in the tree yet, so nothing else would free their branches.
+            for _, growing in families:
+                for child in growing:
+                    ctx.release(child.branch)
+            raise
         results = []
         for entropy, growing in families:
             children = [child.finish() for child in growing]
@@ -124,24 +138,26 @@ class StrongModel:
         child.log_probs.append(math.log(prob))
         if self.model.is_end_of_generation(token):
             child.finish_reason = "eos"
-            return
-        self.context.append(child.branch, [token])
-        child.tokens.append(token)
-        before = len(child.answer)
-        child.answer += self.model.token_bytes(token)
-        stop_at = self._find_stop(child.answer, before)
-        if stop_at is not None:
-            child.answer = child.answer[:stop_at]
-            child.finish_reason = "stop"
-        elif len(child.tokens) >= self.max_new_tokens:
-            child.finish_reason = "length"
+        else:
+            self.context.append(child.branch, [token])
+            child.tokens.append(token)
+            child.answer += self.model.token_bytes(token)
+            if len(child.tokens) >= self.max_new_tokens:
+                child.finish_reason = "length"
+        self._cut_at_stop(child)
 
-    def _find_stop(self, answer: bytes, before: int) -> int | None:
-        """Where the first stop string starts, looking only where the new bytes
-        could complete one."""
-        hits = [answer.find(s, max(0, before - len(s) + 1)) for s in self.stop]
-        hits = [h for h in hits if h >= 0]
-        return min(hits) if hits else None
+    def _cut_at_stop(self, child: _Growth) -> None:
+        """End the answer before the first stop string in its text as the user will
+        read it: invalid bytes as U+FFFD, and, once the answer is over, a character
+        cut short at its end too."""
+        if not self.stop:
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = decoder.decode(child.answer, final=child.finish_reason is not None)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            child.answer = text[: min(hits)].encode("utf-8")
+            child.finish_reason = "stop"
 
 
 @dataclass(eq=False)
