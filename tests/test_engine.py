@@ -12,11 +12,12 @@ import gc
 import threading
 import weakref
 
+import llama_cpp
 import numpy as np
 import pytest
 
 from w2s_langchain.engine import Context, LoadSettings, load_model
-from w2s_langchain.errors import ContextOverflowError, ModelLoadError
+from w2s_langchain.errors import ContextFullError, ContextOverflowError, ModelLoadError
 
 TOL = 1e-3
 PROMPT = "Once upon a time, the quick brown fox"
@@ -170,6 +171,48 @@ def test_eviction_when_kv_cells_run_out_keeps_results(tiny, prompt_tokens):
     for b, span, x in zip(branches, spans, first):
         np.testing.assert_allclose(log_softmax(ctx.next_logits([b])[0]), x, atol=TOL)
         np.testing.assert_allclose(x, fresh_next_logprobs(tiny, prompt_tokens[:1] + span), atol=TOL)
+
+
+def decode_refusing(times: int | None):
+    """llama_decode that answers "no KV slot" (status 1) the first `times` calls, or always."""
+    real = llama_cpp.llama_decode
+    refused = []
+
+    def decode(handle, batch):
+        if times is None or len(refused) < times:
+            refused.append(batch.n_tokens)
+            return 1
+        return real(handle, batch)
+
+    return decode, refused
+
+
+def test_a_decode_refused_for_want_of_a_kv_slot_is_retried_after_eviction(tiny, prompt_tokens, monkeypatch):
+    ctx = make_context(tiny, n_seq_max=4)
+    others = [ctx.new_branch(prompt_tokens[:2] + [i]) for i in range(3)]
+    ctx.next_logits(others)
+    target = ctx.new_branch(prompt_tokens)
+    decode, refused = decode_refusing(times=1)
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    evictions = ctx.stats.evictions
+    row = ctx.next_logits([target])[0]
+    monkeypatch.undo()
+    assert len(refused) == 1 and ctx.stats.evictions == evictions + 1
+    np.testing.assert_allclose(log_softmax(row), fresh_next_logprobs(tiny, prompt_tokens), atol=TOL)
+
+
+def test_a_decode_refused_with_nothing_left_to_evict_is_a_clear_error(tiny, prompt_tokens, monkeypatch):
+    ctx = make_context(tiny, n_seq_max=4)
+    others = [ctx.new_branch(prompt_tokens[:2] + [i]) for i in range(3)]
+    target = ctx.new_branch(prompt_tokens)
+    decode, refused = decode_refusing(times=None)
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    with pytest.raises(ContextFullError, match="raise n_ctx"):
+        ctx.next_logits([target])
+    monkeypatch.undo()
+    assert len(refused) >= 1  # tried, evicted what it could, then gave up
+    rows = ctx.next_logits(others + [target])  # the context still works
+    np.testing.assert_allclose(log_softmax(rows[-1]), fresh_next_logprobs(tiny, prompt_tokens), atol=TOL)
 
 
 def test_rebuild_reuses_the_longest_cached_prefix(tiny, prompt_tokens):
