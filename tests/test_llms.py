@@ -271,8 +271,11 @@ def test_models_are_freed_once_with_the_last_component_using_them(make_llm, tiny
     first_contexts, second_contexts = context_handles(first), context_handles(second)
     ours = {**first_contexts, **second_contexts}
     our_frees = {("model", model_handle)} | {("context", h) for h in ours}
+    # Addresses are reused: only from now on, while ours live, is a free of one of
+    # these handles one of ours (other tests' garbage may be freed here too).
+    llama_frees.clear()
 
-    def frees_of_ours() -> list[tuple[str, int]]:  # other tests' garbage may be freed here too
+    def frees_of_ours() -> list[tuple[str, int]]:
         return [call for call in llama_frees if call in our_frees]
 
     started = SearchStarted()
@@ -298,6 +301,7 @@ def test_a_component_in_a_reference_cycle_frees_its_contexts_before_their_model(
     llm.invoke(PROMPT)
     model_handle = load_model(path).handle
     contexts = [h for h, file in context_handles(llm).items() if file == path]
+    llama_frees.clear()  # addresses are reused: count only frees from now on
     # In a reference cycle, as a component often is (a callback that refers back to
     # its chain), it and all it holds go in one collection, in an order of the
     # collector's choosing.
@@ -307,3 +311,18 @@ def test_a_component_in_a_reference_cycle_frees_its_contexts_before_their_model(
     gc.collect()
     # llama.cpp reads the model while it frees a context: the model must go last.
     assert llama_frees.index(("model", model_handle)) > max(llama_frees.index(("context", h)) for h in contexts)
+
+
+def test_a_deleted_component_frees_its_model_without_waiting_for_the_gc(make_llm, tiny_models, tmp_path):
+    path = private_copy(tiny_models.tiny_c, tmp_path)
+    gc.collect()  # earlier tests' garbage; from here on only reference counting frees
+    gc.disable()
+    try:
+        llm = make_llm(strong=str(path))
+        llm.invoke(PROMPT)
+        list(llm.stream(PROMPT, timeout=60.0))
+        model = weakref.ref(load_model(path))
+        del llm
+        assert model() is None  # no search left a cycle holding the contexts behind
+    finally:
+        gc.enable()

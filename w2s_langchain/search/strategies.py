@@ -64,8 +64,9 @@ class _Run:
         self.prompt = prompt
         self.settings = settings
         self.progress = progress
-        self.cancel = cancel
-        self.deadline: float | None = None
+        # A closure, not a method: the strong model holds it, and a reference back to
+        # this run would make every search a cycle that only the gc can free.
+        self.check = _stop_check(settings, cancel)
         self.timer = PhaseTimer()
         self.iterations = 0
         self.prompt_tokens = 0
@@ -84,8 +85,6 @@ class _Run:
         """Apply the per-search switches (naive, beta), take the cost snapshot;
         afterwards free every branch the search made and restore the contexts."""
         self.started = time.perf_counter()
-        if self.settings.timeout is not None:
-            self.deadline = self.started + self.settings.timeout
         self.before = [_snapshot(c) for c in self.contexts]
         saved = [c.reuse_prefixes for c in self.contexts]
         for c in self.contexts:
@@ -101,16 +100,6 @@ class _Run:
                     self.proxy.release(node.proxy)
             for c, reuse in zip(self.contexts, saved):
                 c.reuse_prefixes = reuse
-
-    def check(self) -> None:
-        """Stop here if the caller cancelled or the time is up."""
-        if self.cancel is not None and self.cancel.is_set():
-            raise SearchCancelledError("the search was cancelled")
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            raise SearchTimeoutError(
-                f"the search ran past its timeout of {self.settings.timeout} s: raise `timeout`, lower the budget "
-                "(iterations, samples, max_new_tokens), or set `partial_answer` to get the best answer found so far"
-            )
 
     def cut_short(self, root: Node, answer: Node | None, why: Exception) -> SearchResult:
         """Answer with what the search found before `why` stopped it, when the
@@ -192,6 +181,23 @@ class _Run:
             stopped=stopped,
             tree=root,
         )
+
+
+def _stop_check(settings: SearchSettings, cancel: threading.Event | None) -> Callable[[], None]:
+    """What the search calls before each decode step: raises if the caller
+    cancelled or the time is up."""
+    deadline = time.perf_counter() + settings.timeout if settings.timeout is not None else None
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise SearchCancelledError("the search was cancelled")
+        if deadline is not None and time.perf_counter() > deadline:
+            raise SearchTimeoutError(
+                f"the search ran past its timeout of {settings.timeout} s: raise `timeout`, lower the budget "
+                "(iterations, samples, max_new_tokens), or set `partial_answer` to get the best answer found so far"
+            )
+
+    return check
 
 
 def _snapshot(context: Context) -> tuple[int, int, int, float]:
