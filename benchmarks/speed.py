@@ -108,13 +108,16 @@ def bench_strong_model(strong: str, args, out) -> None:
             f"{floor:.1f} s | **{(seconds - floor) / floor:.0%}** |")
 
 
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child would
+# report this (already large) process's peak instead of its own.
+PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
 PEAK_MEMORY_CHILD = textwrap.dedent(
-    """
-    import json, resource, sys
+    f"""
+    import sys
     from w2s_langchain.aligner import Aligner, load_preset
-    config = load_preset("sentiment").with_overrides(runtime={"n_threads": int(sys.argv[1])})
+    config = load_preset("sentiment").with_overrides(runtime={{"n_threads": int(sys.argv[1])}})
     Aligner(config).search("The hotel room was", config.search.with_(iterations=40))
-    print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print({PEAK_RSS})
     """
 )
 
@@ -127,13 +130,11 @@ def peak_memory(args, out) -> None:
     done = subprocess.run(
         [sys.executable, "-c", PEAK_MEMORY_CHILD, str(args.threads)], capture_output=True, text=True, check=True
     )
-    peak = int(done.stdout.strip().splitlines()[-1].split(":")[1].strip(" }")) * 1024
+    peak = int(done.stdout.strip().splitlines()[-1])
     baseline = subprocess.run(
-        [sys.executable, "-c", "import resource, w2s_langchain.aligner; "
-         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", f"import w2s_langchain.aligner; print({PEAK_RSS})"], capture_output=True, text=True, check=True
     )
-    imports = int(baseline.stdout.strip()) * 1024
+    imports = int(baseline.stdout.strip())
     mb = 1 << 20
     out("\n(d) peak memory, default preset (a fresh process: load, one w2s search of 40 iterations)\n")
     out("| model files (mapped) | peak RSS | peak RSS minus Python and imports | ratio to the files |")
