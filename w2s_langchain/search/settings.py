@@ -75,14 +75,13 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        for name in ("iterations", "children", "chunk_tokens", "num_select", "samples", "beam_width", "max_new_tokens"):
+        whole_numbers = ["iterations", "children", "chunk_tokens", "num_select", "samples", "beam_width", "max_new_tokens"]
+        if self.token_budget is not None:  # None: no budget
+            whole_numbers.append("token_budget")
+        for name in whole_numbers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        if self.token_budget is not None and (
-            isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 1
-        ):
-            raise ValueError(f"token_budget must be a whole number >= 1 or None, got {self.token_budget!r}")
         for name in ("c", "entropy_weight", "beta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
