@@ -19,8 +19,10 @@ Strategies run at a matched budget B of strong tokens sampled per prompt:
   base  one sample (no weak models, budget max_new_tokens)
   bon   N = B / max_new_tokens complete samples
   cbs   W x K = B / max_new_tokens (chunk-level beam search, L = 4)
-  w2s   W2S-AlignTree with the preset's settings, stopped once B tokens are sampled
-Ablations of w2s (task 1, middle budget): entropy weight 0, mean backup, L = 4, 8.
+  w2s   W2S-AlignTree with the preset's settings and token_budget = B (its
+        "finish" fallback included)
+Ablations of w2s (task 1, the headline budget): plain PUCT (no entropy term),
+UCT (no prior either), mean backup, L = 4, 8.
 
 Each finished search is one row of benchmarks/results/quality_runs.jsonl (written
 as it comes, so an interrupted run resumes where it stopped); the report
@@ -98,7 +100,8 @@ def strategy_settings(task: Task, label: str, budget: int) -> dict[str, Any]:
     w2s = {**common, "strategy": "w2s", "iterations": 1_000_000, "token_budget": budget}
     ablations = {
         "w2s": {},
-        "w2s w=0 (plain PUCT)": {"entropy_weight": 0.0},
+        "w2s w=0 (plain PUCT)": {"selection": "puct"},
+        "w2s UCT": {"selection": "uct"},
         "w2s mean backup": {"backup": "mean"},
         "w2s L=4": {"chunk_tokens": 4},
         "w2s L=8": {"chunk_tokens": 8},
@@ -108,7 +111,7 @@ def strategy_settings(task: Task, label: str, budget: int) -> dict[str, Any]:
 
 
 STRATEGIES = ("base", "bon", "cbs", "w2s")
-ABLATIONS = ("w2s", "w2s w=0 (plain PUCT)", "w2s mean backup", "w2s L=4", "w2s L=8")
+ABLATIONS = ("w2s", "w2s w=0 (plain PUCT)", "w2s UCT", "w2s mean backup", "w2s L=4", "w2s L=8")
 
 
 def load_prompts(task: Task) -> list[dict[str, str]]:
@@ -266,7 +269,7 @@ def table(rows: list[dict], task: Task, experiment: str, budget: int, labels, rn
     better = "higher" if task.higher_is_better else "lower"
     lines = [
         f"| strategy | mean {task.gold_name} ({better} is better) [95% CI] | win vs base | win vs cbs | "
-        "mean proxy V | strong tokens | weak tokens | s / prompt | finished |",
+        "mean proxy V | strong tokens (/ B) | weak tokens | s / prompt | finished |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label in labels:
@@ -275,9 +278,10 @@ def table(rows: list[dict], task: Task, experiment: str, budget: int, labels, rn
         values = [r["value"] for r in picked if r["value"] is not None]
         vs = lambda other: f"{win_rate(gold[label], gold[other], task.higher_is_better):.0%}" if other in gold and other != label else "-"  # noqa: E731
         finished = np.mean([r["finish_reason"] in ("eos", "stop") for r in picked])
+        strong = np.mean([r["strong_tokens_sampled"] for r in picked])
         lines.append(
             f"| {label} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs('base')} | {vs('cbs')} | "
-            f"{np.mean(values):.2f} | {np.mean([r['strong_tokens_sampled'] for r in picked]):.0f} | "
+            f"{np.mean(values):.2f} | {strong:.0f} ({strong / budget:.2f}) | "
             f"{np.mean([r['weak_tokens_scored'] for r in picked]):.0f} | {np.mean([r['seconds'] for r in picked]):.1f} | "
             f"{finished:.0%} |"
         )

@@ -182,8 +182,14 @@ def test_get_num_tokens_uses_the_strong_tokenizer(make_llm, tiny_models):
 
 
 def test_lcel_chain(make_llm):
-    chain = PromptTemplate.from_template("Tell me about {topic}.") | make_llm() | StrOutputParser()
-    assert isinstance(chain.invoke({"topic": "owls"}), str)
+    """The chain formats the prompt, searches, and hands the answer on unchanged:
+    the same text as the LLM gives for that prompt directly (same seed)."""
+    llm = make_llm()
+    chain = PromptTemplate.from_template("Tell me about {topic}.") | llm | StrOutputParser()
+    answer = chain.invoke({"topic": "owls"})
+    assert answer and answer == llm.invoke("Tell me about owls.")
+    assert answer != llm.invoke("Tell me about cats.")
+
 
 
 def test_bad_input_is_refused_before_any_search_and_the_instance_stays_usable(make_llm):

@@ -91,6 +91,86 @@ def test_eos_value_adds_each_models_end_token(tiny_models):
     assert eos_value == pytest.approx(state.value + ends[0] - ends[1], abs=TOL)
 
 
+def test_value_equals_llama_cpp_python_scoring_from_scratch(tiny_models):
+    """V checked against an independent computation: llama-cpp-python's own
+    `Llama` reads prompt + answer once, and the answer's log-probs are summed by
+    hand from its logits (every answer token counts, the first one too)."""
+    from llama_cpp import Llama
+
+    answer = " and then the"
+    proxy = make_models(tiny_models).proxy
+    (state,) = proxy.extend([proxy.start(PROMPT)], [answer])
+    log_probs = []
+    for path in (tiny_models.tiny_a, tiny_models.tiny_b):
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+        prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
+        tokens = llm.tokenize((PROMPT + answer).encode(), add_bos=True)
+        start = next(i for i, (a, b) in enumerate(zip(prompt_tokens + [-1], tokens)) if a != b)
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+        total = 0.0
+        for i in range(start, len(tokens)):
+            row = logits[i - 1]
+            total += row[tokens[i]] - row.max() - np.log(np.exp(row - row.max()).sum())
+        log_probs.append(total)
+        llm.close()
+    assert state.value == pytest.approx(log_probs[0] - log_probs[1], abs=TOL)
+
+
+def test_priors_are_the_geometric_mean_of_warped_probabilities(tiny_models):
+    """P of a chunk, recomputed token by token on a fresh context of the strong model."""
+    from w2s_langchain.engine import warp
+
+    result, models = run(tiny_models, iterations=6, max_new_tokens=40)
+    strong = models.strong
+    sampling = SearchSettings(**SMALL).sampling
+    prompt_tokens = StrongModel(strong, PromptFormat(), sampling, 40).prompt_tokens(PROMPT)
+    fresh = Context(strong.model, n_ctx=512, n_threads=1)
+    checked = 0
+    for node in result.tree.walk():
+        if node.parent is None or node.terminal:
+            continue
+        start = len(node.parent.chunk.tokens)
+        probs = []
+        for i in range(start, len(node.chunk.tokens)):
+            branch = fresh.new_branch(prompt_tokens + node.chunk.tokens[:i])
+            (row,) = fresh.next_logits([branch])
+            fresh.release(branch)
+            probs.append(warp(row, sampling, strong.model.never_sampled).prob(node.chunk.tokens[i]))
+        assert node.prior == pytest.approx(math.exp(np.mean(np.log(probs))), rel=1e-3)
+        assert node.prior < 1.0
+        checked += 1
+    assert checked >= 10
+
+
+def test_marker_tokens_are_never_sampled(tiny_models):
+    """Control and user-defined tokens that do not end generation (tiny_a's
+    <|bos|> and <|im_start|>) are masked before warping; the ending ones
+    (<|eos|>, <|im_end|>) keep their role."""
+    import llama_cpp
+
+    def ctx(path):
+        return Context(load_model(path), n_ctx=512, n_threads=1, n_seq_max=32)
+
+    strong = ctx(tiny_models.tiny_a)
+    models = SearchModels(strong, PromptFormat(), make_models(tiny_models).proxy)
+    model = strong.model
+    marked = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    markers = {
+        t for t in range(model.n_vocab)
+        if llama_cpp.llama_vocab_get_attr(model.vocab, t) & marked and not llama_cpp.llama_vocab_is_eog(model.vocab, t)
+    }
+    assert {model.token_text(t) for t in markers} == {"<|bos|>", "<|im_start|>"}
+    assert set(model.never_sampled.tolist()) == markers
+    # Flat sampling over many tokens: without the mask both markers come up (6 times
+    # in 847 tokens under this seed).
+    settings = SearchSettings(strategy="bon", samples=16, max_new_tokens=64, temperature=5.0, top_k=0, seed=1)
+    result = search(models, PROMPT, settings)
+    sampled = [t for child in result.tree.children for t in child.chunk.tokens]
+    assert len(sampled) > 500 and not markers & set(sampled)
+    assert any(child.chunk.finish_reason == "eos" for child in result.tree.children)
+
+
 # --- W2S-AlignTree's invariants ------------------------------------------------------
 
 
@@ -126,24 +206,119 @@ def test_terminal_children_are_minus_infinity_by_default_or_eos_scored(tiny_mode
     assert finished and all(n.value == n.eos_value and math.isfinite(n.value) for n in finished)
 
 
+def stage2_finalists(result, num_select: int, nonterminal: bool, c: float) -> set[int]:
+    """Stage 2 computed by hand from the tree: the candidates (unfinished, not the
+    root, with a finished child) ranked by their own proxy value (no eos, no
+    backup) + c P sqrt(N(parent)) / (1 + N); the children of the best few."""
+    root = result.tree
+    candidates = [n for n in root.walk() if n is not root and not n.terminal and any(ch.terminal for ch in n.children)]
+    rank = lambda n: n.proxy.value + c * n.prior * math.sqrt(n.parent.visits) / (1 + n.visits)  # noqa: E731
+    kept = sorted(candidates, key=rank, reverse=True)[:num_select]
+    return {id(ch) for n in kept for ch in n.children if ch.terminal or nonterminal}
+
+
 @pytest.mark.parametrize("nonterminal", [True, False])
-def test_stage2_picks_the_best_eos_scored_finalist(tiny_models, nonterminal):
-    result, _ = run(tiny_models, max_new_tokens=6, chunk_tokens=2, stage2_nonterminal=nonterminal)
+def test_stage2_scores_exactly_the_children_of_the_best_ranked_candidates(tiny_models, nonterminal):
+    result, _ = run(tiny_models, iterations=40, max_new_tokens=9, chunk_tokens=2, num_select=2, stage2_nonterminal=nonterminal)
     assert result.source == "stage2"
-    finalists = [n for n in result.tree.walk() if n.eos_value is not None]
-    assert all(n.terminal for n in finalists) != nonterminal or all(n.terminal for n in finalists)
-    best = max(finalists, key=lambda n: n.eos_value)
-    assert result.text == best.chunk.text and result.value == best.eos_value
+    root = result.tree
+    candidates = [n for n in root.walk() if n is not root and not n.terminal and any(ch.terminal for ch in n.children)]
+    assert len(candidates) > 2  # more than num_select: the ranking decides
+    # With the default -inf quirk nothing is eos-scored before stage 2.
+    finalists = [n for n in root.walk() if n.eos_value is not None]
+    assert {id(n) for n in finalists} == stage2_finalists(result, 2, nonterminal, SearchSettings().c)
     if not nonterminal:
         assert all(n.terminal for n in finalists)
+    best = max(finalists, key=lambda n: n.eos_value)
+    assert result.text == best.chunk.text and result.value == best.eos_value
 
 
-def test_fallback_truncates_or_finishes(tiny_models):
-    truncated, _ = run(tiny_models, iterations=2, max_new_tokens=60)
+def test_stage2_ranks_by_a_candidates_own_value_not_its_backed_up_one(tiny_models):
+    """A candidate whose children all finished has R = -inf under the quirk, yet
+    it holds the most finished answers: its own value still ranks it."""
+    result, _ = run(tiny_models, iterations=40, max_new_tokens=9, chunk_tokens=2, num_select=1)
+    root = result.tree
+    candidates = [n for n in root.walk() if n is not root and not n.terminal and any(ch.terminal for ch in n.children)]
+    assert any(n.value == NEG_INF for n in candidates)
+    assert all(n.own_value == n.proxy.value for n in candidates)
+    assert {id(n) for n in root.walk() if n.eos_value is not None} == stage2_finalists(result, 1, True, SearchSettings().c)
+
+
+def test_the_root_is_never_a_stage2_candidate(tiny_models):
+    # Every child of the root finishes at once (L >= max_new_tokens): the root is
+    # the only node with finished children, and it has no parent.
+    result, _ = run(tiny_models, iterations=5, max_new_tokens=2, chunk_tokens=2)
+    assert result.source == "fallback_finished"
+    children = result.tree.children
+    assert children and all(ch.terminal for ch in children)
+    assert result.value == max(ch.eos_value for ch in children)
+
+
+def test_fallback_truncates_or_finishes_the_same_best_path(tiny_models):
+    truncated, _ = run(tiny_models, iterations=2, max_new_tokens=20)
     assert truncated.source == "fallback_truncated" and truncated.finish_reason is None
+    assert len(truncated.text) > 0
     finished, _ = run(tiny_models, iterations=2, max_new_tokens=20, fallback="finish")
     assert finished.source == "fallback_finished" and finished.finish_reason in ("eos", "length", "stop")
-    assert finished.text.startswith(truncated.text[:1])
+    assert finished.text.startswith(truncated.text) and len(finished.text) > len(truncated.text)
+
+
+def test_finish_fallback_spends_only_the_token_budget(tiny_models):
+    settings = dict(iterations=1000, max_new_tokens=30, chunk_tokens=3, fallback="finish", token_budget=40)
+    result, _ = run(tiny_models, **settings)
+    assert result.source in ("fallback_finished", "stage2")
+    # Within K = 3 tokens of the budget, plus at most 4 per child that complete a
+    # UTF-8 character; before, the fallback's greedy steps sampled far past it.
+    assert result.cost.strong_tokens_sampled <= 40 + 3 + 3 * 4
+    unbudgeted, _ = run(tiny_models, **{**settings, "token_budget": None, "iterations": 4})
+    assert unbudgeted.source == "fallback_finished"  # without a budget it finishes greedily by V
+
+
+# --- the terminal_reward="eos" switch and finished leaves ---------------------------
+
+
+def test_a_selected_finished_leaf_is_a_visit_and_the_search_goes_on(tiny_models):
+    result, _ = run(tiny_models, iterations=60, max_new_tokens=6, chunk_tokens=2, terminal_reward="eos")
+    root = result.tree
+    assert result.cost.iterations == 60 and root.visits == 60
+    revisited = [n for n in root.walk() if n.terminal and n.visits > 1]
+    assert revisited  # finished leaves were selected, and their visits backed up
+    for node in root.walk():
+        if node.children:
+            assert node.value == max(c.value for c in node.children)
+
+
+def test_the_search_stops_when_no_unfinished_leaf_is_left(tiny_models):
+    result, _ = run(tiny_models, iterations=500, max_new_tokens=4, chunk_tokens=2)
+    leaves = [n for n in result.tree.walk() if not n.children]
+    assert all(n.terminal for n in leaves)
+    expanded = [n for n in result.tree.walk() if n.children]
+    assert result.cost.iterations == len(expanded) < 500
+
+
+# --- selection rules -----------------------------------------------------------------
+
+
+def test_selection_rule_is_a_setting(tiny_models):
+    from w2s_langchain.search.tree import ea_puct
+
+    calls = []
+
+    def my_rule(child, parent, c, w):
+        calls.append(child)
+        return ea_puct(child, parent, c, w)
+
+    default, _ = run(tiny_models)
+    mine, _ = run(tiny_models, selection=my_rule)
+    assert calls and mine.tree_dict() == default.tree_dict()
+    assert mine.settings["selection"].endswith("my_rule")
+    # The tiny models' values are far apart: a large c lets exploration decide.
+    explore = dict(c=10.0)
+    uct_tree, _ = run(tiny_models, selection="uct", **explore)
+    puct_tree, _ = run(tiny_models, selection="puct", **explore)
+    ea_puct_tree, _ = run(tiny_models, **explore)
+    assert uct_tree.tree_dict() != ea_puct_tree.tree_dict() and uct_tree.settings["selection"] == "uct"
+    assert puct_tree.tree_dict() == run(tiny_models, entropy_weight=0.0, **explore)[0].tree_dict()
 
 
 def test_same_seed_same_tree_and_answer(tiny_models):
@@ -173,12 +348,16 @@ def test_cached_and_naive_build_the_same_tree_at_different_cost(tiny_models):
 def test_token_budget_stops_the_tree_search_once_spent(tiny_models):
     free, _ = run(tiny_models, iterations=1000, max_new_tokens=24)
     capped, _ = run(tiny_models, iterations=1000, max_new_tokens=24, token_budget=30)
-    # An expansion samples at most K * L = 9 tokens, so the cap is passed by less than that.
-    assert 30 <= capped.cost.strong_tokens_sampled < 30 + 9
+    # The expansion that reaches the cap gets chunks of what is left / K tokens (at
+    # least one), so the cap is passed by less than K = 3 tokens, plus at most 4 per
+    # child that complete a UTF-8 character.
+    assert 30 <= capped.cost.strong_tokens_sampled < 30 + 3 + 3 * 4
     assert capped.cost.iterations < free.cost.iterations
-    # The same seed grows the same tree up to the cap: every capped node is in the free tree.
-    answers = lambda result: {n["answer"] for n in result.tree_dict()["nodes"]}  # noqa: E731
-    assert answers(capped) < answers(free)
+    # The same seed grows the same tree up to the cap: every node the capped search
+    # expanded is in the free tree too (the last expansion's chunks were cut short).
+    free_answers = {n.chunk.text for n in free.tree.walk()}
+    expanded = [n.chunk.text for n in capped.tree.walk() if n.children]
+    assert len(expanded) > 3 and set(expanded) <= free_answers
 
 
 def test_a_search_frees_every_branch(tiny_models):
@@ -244,10 +423,28 @@ def test_bon_returns_the_best_eos_scored_sample(tiny_models):
     assert result.value == max(values)
 
 
+def depth(node) -> int:
+    return 0 if node.parent is None else 1 + depth(node.parent)
+
+
 def test_cbs_keeps_the_best_beams_until_all_finish(tiny_models):
-    result, _ = run(tiny_models, strategy="cbs", children=3, beam_width=2, chunk_tokens=3, max_new_tokens=9)
+    width, k = 2, 3
+    result, _ = run(tiny_models, strategy="cbs", children=k, beam_width=width, chunk_tokens=3, max_new_tokens=9)
     assert result.finish_reason is not None
     assert result.cost.iterations >= 3
+    # The first step fills every beam slot: W x K chunks from the prompt.
+    assert len(result.tree.children) == width * k
+    # At every step the beams kept (the unfinished ones grow children) are the
+    # best by value: no unfinished node left behind beats one that was kept.
+    by_depth: dict[int, list] = {}
+    for node in result.tree.walk():
+        by_depth.setdefault(depth(node), []).append(node)
+    for nodes in by_depth.values():
+        kept = [n.value for n in nodes if n.children]
+        dropped = [n.value for n in nodes if not n.children and not n.terminal]
+        if kept and dropped:
+            assert min(kept) >= max(dropped)
+    assert sum(1 for n in result.tree.walk() if n.children and n is not result.tree) >= 2
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -267,6 +464,7 @@ def test_cbs_keeps_the_best_beams_until_all_finish(tiny_models):
         ({"stop": "abc"}, "stop"),
         ({"fallback": "hope"}, "fallback"),
         ({"token_budget": 0}, "token_budget"),
+        ({"selection": "mcts"}, "selection"),
         ({"timeout": 0}, "timeout"),
         ({"timeout": float("nan")}, "timeout"),
     ],
@@ -334,7 +532,7 @@ def test_timeout_stops_the_search_promptly_and_frees_it(tiny_models):
 @pytest.mark.parametrize("strategy", ["w2s", "cbs"])
 def test_timeout_with_partial_answer_returns_the_best_so_far(tiny_models, strategy):
     models = make_models(tiny_models)
-    settings = SearchSettings(**LONG, strategy=strategy, beam_width=2, timeout=0.3, partial_answer=True)
+    settings = SearchSettings(**LONG, strategy=strategy, beam_width=8, timeout=0.3, partial_answer=True)
     result = search(models, PROMPT, settings)
     assert result.stopped == "timeout" and result.source == "partial"
     assert result.text and result.finish_reason is None  # unfinished: max_new_tokens is far away

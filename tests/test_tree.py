@@ -9,12 +9,17 @@ import pytest
 from w2s_langchain.search.strong import Chunk
 from w2s_langchain.search.tree import (
     NEG_INF,
+    SELECTIONS,
     Node,
     backpropagate,
+    beam_pool,
     ea_puct,
+    keep_best,
     max_of_children,
     mean_of_children,
+    puct,
     select_path,
+    uct,
 )
 
 
@@ -85,3 +90,34 @@ def test_mean_backup_skips_unjudged_finished_children():
     assert max_of_children(parent) == 3.0
     only_finished = family(node(), node(value=NEG_INF, finish="eos"))
     assert mean_of_children(only_finished) == NEG_INF
+
+
+def test_puct_and_uct_are_the_reference_formulas():
+    parent = node(visits=9, entropy=2.0)
+    child = node(value=0.5, prior=0.3, visits=2)
+    assert puct(child, parent, 1.5, 0.2) == pytest.approx(0.5 + 1.5 * 0.3 * 3 / 3)
+    assert uct(child, parent, 1.5, 0.2) == pytest.approx(0.5 + 1.5 * math.sqrt(math.log(9) / 3))
+    assert SELECTIONS == {"ea-puct": ea_puct, "puct": puct, "uct": uct}
+
+
+def test_uct_ignores_the_prior_that_puct_follows():
+    likely = node(value=0.0, prior=0.9, visits=1)
+    valued = node(value=0.1, prior=0.01, visits=1)
+    root = family(node(visits=4, entropy=1.0), likely, valued)
+    assert select_path(root, lambda ch, p: puct(ch, p, 1.0, 0.0))[-1] is likely
+    assert select_path(root, lambda ch, p: uct(ch, p, 1.0, 0.0))[-1] is valued
+
+
+def test_mean_backup_weights_each_child_by_its_visits():
+    parent = family(node(), node(value=1.0, visits=3), node(value=3.0, visits=1), node(value=NEG_INF, finish="eos"))
+    assert mean_of_children(parent) == pytest.approx((3 * 1.0 + 1 * 3.0) / 4)
+
+
+def test_a_finished_beam_competes_with_k_copies_of_itself():
+    done = node(value=5.0, finish="eos")
+    open_beam = family(node(value=1.0), node(value=1.0), node(value=2.0), node(value=3.0))
+    pool = beam_pool([done, open_beam], k=3)
+    assert pool == [done, done, done, *open_beam.children]
+    # Best first: the finished beam fills both slots, so the search would end.
+    assert keep_best(pool, 2) == [done, done]
+    assert keep_best(beam_pool([open_beam], k=3), 2) == [open_beam.children[2], open_beam.children[1]]

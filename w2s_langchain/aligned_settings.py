@@ -94,6 +94,8 @@ class AlignedModelSettings(BaseModel):
     """K: children per expansion (chunks per beam for cbs)."""
     chunk_tokens: int | None = None
     """L: tokens per chunk."""
+    selection: str | Callable[..., float] | None = None
+    """Selection rule of w2s: "ea-puct" (the paper's), "puct", "uct", or a function rule(child, parent, c, w) -> float."""
     c: float | None = None
     """Exploration constant."""
     entropy_weight: float | None = None

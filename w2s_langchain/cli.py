@@ -28,6 +28,7 @@ _SEARCH_FLAGS = [
     ("--chunk-tokens", "chunk_tokens", int, "L: tokens per chunk (w2s, cbs)"),
     ("--samples", "samples", int, "N: samples (bon)"),
     ("--beam-width", "beam_width", int, "W: beams (cbs)"),
+    ("--selection", "selection", str, "ea-puct (the paper's), puct or uct"),
     ("--c", "c", float, "exploration constant"),
     ("--entropy-weight", "entropy_weight", float, "w of EA-PUCT (0: plain PUCT)"),
     ("--num-select", "num_select", int, "stage-2 candidates"),
@@ -113,7 +114,7 @@ def summary(result: SearchResult) -> str:
     how = {
         "stage2": "chosen by stage-2 re-ranking of finished answers",
         "fallback_truncated": "no answer finished: the best unfinished one, as it is",
-        "fallback_finished": "no answer finished in the tree: the best unfinished one, finished greedily by V",
+        "fallback_finished": "nothing for stage 2 to re-rank: the best path, finished (greedily by V where it was not)",
         "best_of_n": "the best of the samples",
         "beam": "the top beam",
         "sample": "a plain sample",

@@ -3,7 +3,7 @@
     python -m w2s_langchain.engine "The film was" --model gemma-3-270m
 
 It shows the engine end to end (load, tokenize, batched decode, warped sampling)
-until the search's `w2s-align` command exists.
+without the search; `w2s-align` is the command that searches.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def stream_sample(context: Context, prompt: str, sampling: SamplingSettings, max
     logits = context.next_logits([branch])[0]
     n = 0
     while n < max_new_tokens:
-        token = warp(logits, sampling).sample(context.rng)
+        token = warp(logits, sampling, model.never_sampled).sample(context.rng)
         if model.is_end_of_generation(token):
             break
         sys.stdout.write(text.decode(model.token_bytes(token)))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import llama_cpp
+import numpy as np
 
 from ..errors import ModelLoadError
 from ..registry import resolve_model
@@ -336,6 +337,24 @@ class Model:
             self.token_text(t) for t in range(self.n_vocab) if llama_cpp.llama_vocab_get_attr(self.vocab, t) & control
         )
         return tuple(sorted({t for t in texts if t}, key=len, reverse=True))
+
+    @functools.cached_property
+    def never_sampled(self) -> np.ndarray:
+        """Ids of the tokens an answer must never contain: the ones the vocabulary
+        marks as control or user-defined (markers such as "<start_of_image>" or
+        "<bos>"), except those that end generation (they keep their role) and
+        those whose text is only whitespace (gemma spells "\n" and runs of spaces
+        with user-defined tokens: they are text)."""
+        marked = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        return np.array(
+            [
+                t for t in range(self.n_vocab)
+                if llama_cpp.llama_vocab_get_attr(self.vocab, t) & marked
+                and not self.is_end_of_generation(t)
+                and self.token_text(t).strip()
+            ],
+            dtype=np.int64,
+        )
 
     def token_text(self, token: int) -> str:
         """A token's text in the vocabulary, special tokens included ("<|im_end|>")."""

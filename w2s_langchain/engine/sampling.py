@@ -63,9 +63,13 @@ class Distribution:
         return [int(self.tokens[i]) for i in picks]
 
 
-def warp(logits: np.ndarray, settings: SamplingSettings) -> Distribution:
-    """The distribution the strong model samples from, given one row of logits."""
-    logits = np.asarray(logits, dtype=np.float64)
+def warp(logits: np.ndarray, settings: SamplingSettings, never: np.ndarray | None = None) -> Distribution:
+    """The distribution the strong model samples from, given one row of logits.
+    Tokens in `never` are removed before warping, so the entropy and the
+    probabilities are over what can really be chosen."""
+    logits = np.array(logits, dtype=np.float64)  # a copy: the caller's row stays as it was
+    if never is not None and never.size:
+        logits[never] = -np.inf
     if settings.temperature == 0:
         return Distribution(np.array([int(np.argmax(logits))]), np.array([1.0]))
     scaled = logits / settings.temperature

@@ -15,6 +15,7 @@ their longest common prefix (sharing its KV cells) and scores only the rest.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,10 +100,22 @@ class Proxy:
     def extend(self, parents: list[ProxyState], answers: list[str]) -> list[ProxyState]:
         """The states of `answers`, each continuing the answer of its parent."""
         requests = []
-        for role, scorer in enumerate(self.scorers):
-            children, spans = self._children(role, [p.weak[role] for p in parents], answers)
-            requests.append((scorer.context, children, spans))
-        for (_, children, _), scores in zip(requests, _score_by_context(requests)):
+        try:
+            for role, scorer in enumerate(self.scorers):
+                children, spans = [], []
+                requests.append((scorer.context, children, spans))
+                for child, span in self._children(role, [p.weak[role] for p in parents], answers):
+                    children.append(child)
+                    spans.append(span)
+            scored = _score_by_context(requests)
+        except BaseException:
+            # Stopped halfway (a full cache, Ctrl-C): the forks belong to no node
+            # yet, so nothing else would free them.
+            for context, children, _ in requests:
+                for child in children:
+                    context.release(child.branch)
+            raise
+        for (_, children, _), scores in zip(requests, scored):
             for child, log_probs in zip(children, scores):
                 child.log_probs = child.log_probs + list(log_probs)
         aligned, reference = requests[0][1], requests[1][1]
@@ -134,10 +147,11 @@ class Proxy:
     def _value(self, aligned_log_prob: float, reference_log_prob: float) -> float:
         return self.beta * (aligned_log_prob - reference_log_prob)
 
-    def _children(self, role: int, parents: list[WeakState], answers: list[str]):
+    def _children(self, role: int, parents: list[WeakState], answers: list[str]) -> Iterator[tuple[WeakState, list[int]]]:
+        """Each answer's state (forked from its parent's, up to where their tokens
+        agree) and the tokens left to score."""
         scorer = self.scorers[role]
         rendered, prompt_tokens = self._prompts[role]
-        children, spans = [], []
         for parent, answer in zip(parents, answers):
             tokens = rendered.tokenize_with(scorer.model, answer)
             keep = common_prefix_length(parent.tokens, tokens)
@@ -145,9 +159,7 @@ class Proxy:
                 raise ValueError("a weak prompt must keep at least one token before the answer")
             branch = scorer.context.fork(parent.branch, keep)
             answer_start = common_prefix_length(prompt_tokens, tokens)
-            children.append(WeakState(tokens, parent.log_probs[:keep], answer_start, branch))
-            spans.append(tokens[keep:])
-        return children, spans
+            yield WeakState(tokens, parent.log_probs[:keep], answer_start, branch), tokens[keep:]
 
 
 def _score_by_context(requests: list[tuple[Context, list[WeakState], list[list[int]]]]) -> list[list[np.ndarray]]:

@@ -21,6 +21,10 @@ class SearchCost:
     """Tokens of the prompt as the strong model reads it."""
     strong_tokens_sampled: int = 0
     """Tokens the strong model sampled: the budget strategies are compared at."""
+    answer_tokens: int = 0
+    """Tokens of the returned answer, as the strong model wrote them (a stop
+    string's included): the output a user is counted for; finding it took
+    `strong_tokens_sampled`."""
     strong_tokens_decoded: int = 0
     """Tokens the strong model read (sampled ones, prompt, rebuilt prefixes)."""
     weak_tokens_scored: int = 0

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..engine import SamplingSettings
 from ..prompts import check_encodable
+from .tree import SELECTIONS, SelectionRule
 
 STRATEGIES = ("w2s", "bon", "cbs", "base")
 
@@ -25,13 +26,18 @@ class SearchSettings:
     """K: children per expansion (w2s), chunks per beam (cbs)."""
     chunk_tokens: int = 5
     """L: strong tokens per chunk (w2s, cbs)."""
+    selection: str | SelectionRule = "ea-puct"
+    """How selection scores a child (w2s): "ea-puct" (the paper's Entropy-Aware
+    PUCT), "puct" (no entropy term) or "uct" (no prior, the paper's ablation); or
+    your own function rule(child, parent, c, w) -> float (see search/tree.py)."""
     c: float = 2.0
-    """Exploration constant of (EA-)PUCT."""
+    """Exploration constant of the selection rule."""
     entropy_weight: float = 0.2
     """w in EA-PUCT; 0 gives plain PUCT."""
     token_budget: int | None = None
-    """Stop growing the tree (w2s) once the strong model has sampled this many
-    tokens: a cap on compute, and how strategies are compared at a matched
+    """Most strong tokens a w2s search samples, the "finish" fallback's included
+    (the expansion that reaches it gets shorter chunks, so it is met to within K
+    tokens): a cap on compute, and how strategies are compared at a matched
     budget. None: run all `iterations`."""
     num_select: int = 10
     """Stage 2 re-scores the terminal children of this many candidates (w2s)."""
@@ -51,7 +57,8 @@ class SearchSettings:
     beta: float = 1.0
     """Scale of the proxy value (the reference code drops it: 1)."""
     backup: str = "max"
-    """Backpropagation: "max" (the paper) or "mean" (ablation)."""
+    """Backpropagation: "max" (the paper: a node is worth its best child) or
+    "mean" (ablation: classic MCTS's visit-weighted mean of the children)."""
     terminal_reward: str = "-inf"
     """Value of a child that finishes during expansion: "-inf" (quirk: judged only
     in stage 2) or "eos" (eos-scored right away)."""
@@ -82,6 +89,8 @@ class SearchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # numpy's rule
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
         for name in ("c", "entropy_weight", "beta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -91,6 +100,11 @@ class SearchSettings:
             and math.isfinite(self.timeout)
         ):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {self.timeout!r}")
+        if not (callable(self.selection) or self.selection in SELECTIONS):
+            raise ValueError(
+                f"selection must be one of {', '.join(SELECTIONS)} or a function rule(child, parent, c, w) -> float, "
+                f"got {self.selection!r}"
+            )
         if self.backup not in ("max", "mean"):
             raise ValueError(f'backup must be "max" or "mean", got {self.backup!r}')
         if self.terminal_reward not in ("-inf", "eos"):
@@ -103,6 +117,10 @@ class SearchSettings:
             check_encodable(stop, "a stop string")
         object.__setattr__(self, "stop", tuple(self.stop))
         self.sampling  # checks temperature, top_k, top_p
+
+    @property
+    def selection_rule(self) -> SelectionRule:
+        return self.selection if callable(self.selection) else SELECTIONS[self.selection]
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -118,4 +136,6 @@ class SearchSettings:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        if callable(self.selection):  # a user's own rule: named, so results stay JSON
+            data["selection"] = f"{self.selection.__module__}.{self.selection.__qualname__}"
         return data

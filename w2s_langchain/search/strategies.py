@@ -6,6 +6,7 @@ the strong model, the weak proxy, the settings and the cost counters of one sear
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from .proxy import Proxy
 from .result import PhaseTimer, SearchCost, SearchResult
 from .settings import SearchSettings
 from .strong import StrongModel
-from .tree import BACKUPS, NEG_INF, Node, backpropagate, ea_puct, exploration, select_path
+from .tree import BACKUPS, NEG_INF, Node, backpropagate, beam_pool, exploration, keep_best, select_path
 
 # progress(done, total, what): called as the search moves.
 Progress = Callable[[int, int, str], None]
@@ -43,14 +44,17 @@ def search(
     settings: SearchSettings,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    started: float | None = None,
 ) -> SearchResult:
     """Answer `prompt` with the strategy the settings name. Setting `cancel`
     (from another thread) stops the search within one decode step with
-    SearchCancelledError; either way the search frees everything it held."""
+    SearchCancelledError; either way the search frees everything it held.
+    `started` (a time.perf_counter()) is when the caller's call began: the
+    timeout counts from then (default: now)."""
     check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
-    run = _Run(models, prompt, settings, progress or (lambda done, total, what: None), cancel)
+    run = _Run(models, prompt, settings, progress or (lambda done, total, what: None), cancel, started)
     with run.active():
         return _STRATEGIES[settings.strategy](run)
 
@@ -59,14 +63,20 @@ class _Run:
     """One search in progress: its models, settings, nodes and cost counters."""
 
     def __init__(
-        self, models: SearchModels, prompt: Prompt, settings: SearchSettings, progress: Progress, cancel: threading.Event | None
+        self,
+        models: SearchModels,
+        prompt: Prompt,
+        settings: SearchSettings,
+        progress: Progress,
+        cancel: threading.Event | None,
+        started: float | None = None,
     ):
         self.prompt = prompt
         self.settings = settings
         self.progress = progress
         # A closure, not a method: the strong model holds it, and a reference back to
         # this run would make every search a cycle that only the gc can free.
-        self.check = _stop_check(settings, cancel)
+        self.check = stop_check(settings, cancel, started)
         self.timer = PhaseTimer()
         self.iterations = 0
         self.prompt_tokens = 0
@@ -89,6 +99,7 @@ class _Run:
         saved = [c.reuse_prefixes for c in self.contexts]
         for c in self.contexts:
             c.reuse_prefixes = not self.settings.naive
+            c.interrupt = self.check  # also between the pieces of a long decode (a long prompt)
         if self.proxy is not None:
             self.proxy.beta = self.settings.beta
         try:
@@ -100,6 +111,7 @@ class _Run:
                     self.proxy.release(node.proxy)
             for c, reuse in zip(self.contexts, saved):
                 c.reuse_prefixes = reuse
+                c.interrupt = None
 
     def cut_short(self, root: Node, answer: Node | None, why: Exception) -> SearchResult:
         """Answer with what the search found before `why` stopped it, when the
@@ -140,18 +152,22 @@ class _Run:
                 for node, value in zip(nodes, self.proxy.eos_values([n.proxy for n in nodes])):
                     node.eos_value = value
 
-    def evaluate_children(self, parent: Node, terminal_reward: str) -> None:
-        """Spec step 3: unfinished child R = V (no eos); finished child R = -inf
-        (quirk) or its eos-scored V; N = 1."""
-        unfinished = [c for c in parent.children if not c.terminal]
-        finished = [c for c in parent.children if c.terminal]
+    def evaluate(self, nodes: list[Node], terminal_reward: str) -> None:
+        """Spec step 3: an unfinished node's R is V (no eos); a finished one's is
+        -inf (quirk: judged only in stage 2) or, with "eos", its eos-scored V; N = 1."""
+        unfinished = [n for n in nodes if not n.terminal]
+        finished = [n for n in nodes if n.terminal]
         if unfinished:
             self.score(unfinished, eos=False)
         if finished and terminal_reward == "eos":
             self.score(finished, eos=True)
-        for child in parent.children:
-            child.visits = 1
-            child.value = child.proxy.value if not child.terminal else (child.eos_value if terminal_reward == "eos" else NEG_INF)
+        for node in nodes:
+            node.visits = 1
+            if not node.terminal:
+                node.value = node.proxy.value
+            else:
+                node.value = node.eos_value if terminal_reward == "eos" else NEG_INF
+            node.own_value = node.value
 
     def result(self, root: Node, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
         after = [_snapshot(c) for c in self.contexts]
@@ -160,6 +176,7 @@ class _Run:
         cost = SearchCost(
             prompt_tokens=self.prompt_tokens,
             strong_tokens_sampled=self.strong.tokens_sampled,
+            answer_tokens=len(answer.chunk.tokens),
             strong_tokens_decoded=delta[0][0],  # contexts[0] is the strong one
             weak_tokens_scored=sum(d[0] for d in delta[1:]),
             tokens_from_cache=sum(d[1] for d in delta),
@@ -183,10 +200,13 @@ class _Run:
         )
 
 
-def _stop_check(settings: SearchSettings, cancel: threading.Event | None) -> Callable[[], None]:
+def stop_check(
+    settings: SearchSettings, cancel: threading.Event | None, started: float | None = None
+) -> Callable[[], None]:
     """What the search calls before each decode step: raises if the caller
-    cancelled or the time is up."""
-    deadline = time.perf_counter() + settings.timeout if settings.timeout is not None else None
+    cancelled or the time is up (`settings.timeout` after `started`, default now)."""
+    started = time.perf_counter() if started is None else started
+    deadline = started + settings.timeout if settings.timeout is not None else None
 
     def check() -> None:
         if cancel is not None and cancel.is_set():
@@ -215,18 +235,28 @@ _CUT_SHORT = (SearchTimeoutError, ContextFullError, ContextOverflowError)
 def _w2s(run: _Run) -> SearchResult:
     s = run.settings
     root = run.root()
-    score = lambda child, parent: ea_puct(child, parent, s.c, s.entropy_weight)  # noqa: E731
+    rule = s.selection_rule
+    score = lambda child, parent: rule(child, parent, s.c, s.entropy_weight)  # noqa: E731
+    open_leaves = 1  # unfinished nodes not yet expanded: what selection can still grow
+    rankable = False  # does the tree hold a stage-2 candidate yet?
     try:
         for i in range(s.iterations):
-            if s.token_budget is not None and run.strong.tokens_sampled >= s.token_budget:
+            left = _tokens_left(run, root, rankable)
+            if open_leaves == 0 or left <= 0:
                 break
             with run.timer("select"):
                 path = select_path(root, score)
             leaf = path[-1]
-            if leaf.terminal:
-                break  # the policy leads only to finished answers: nothing left to grow
-            run.expand([leaf], s.children, s.chunk_tokens, distinct=True)
-            run.evaluate_children(leaf, s.terminal_reward)
+            # A finished leaf is not expanded, but its visit counts: it is backed
+            # up along the path like any other (spec step 5), and the search goes on.
+            if not leaf.terminal:
+                # The expansion that reaches the budget gets shorter chunks, so a
+                # search spends its budget to within K tokens whatever L is.
+                chunk_tokens = s.chunk_tokens if left == math.inf else min(s.chunk_tokens, max(1, left // s.children))
+                run.expand([leaf], s.children, chunk_tokens, distinct=True)
+                run.evaluate(leaf.children, s.terminal_reward)
+                open_leaves += sum(not c.terminal for c in leaf.children) - 1
+                rankable = rankable or (leaf is not root and any(c.terminal for c in leaf.children))
             backpropagate(path, BACKUPS[s.backup])
             run.iterations = i + 1
             run.progress(i + 1, s.iterations, "iterations")
@@ -235,6 +265,21 @@ def _w2s(run: _Run) -> SearchResult:
     except _CUT_SHORT as why:
         _drop_unevaluated(run)
         return run.cut_short(root, _best_path(root), why)
+
+
+def _tokens_left(run: _Run, root: Node, rankable: bool) -> float:
+    """What the tree search may still sample of its token budget (inf without one).
+    Every strong token a search samples counts, the fallback's included: while
+    stage 2 has nothing to rank, the "finish" fallback may have to complete the
+    best path, so the tree leaves it the tokens one plain sample needs for that."""
+    s = run.settings
+    if s.token_budget is None:
+        return math.inf
+    reserve = 0
+    if s.fallback == "finish" and not rankable:
+        end = _best_path(root)
+        reserve = 0 if end.terminal else s.max_new_tokens - len(end.chunk.tokens)
+    return s.token_budget - reserve - run.strong.tokens_sampled
 
 
 def _drop_unevaluated(run: _Run) -> None:
@@ -254,16 +299,18 @@ def _best_path(root: Node) -> Node:
 
 
 def _stage2(run: _Run, root: Node) -> SearchResult:
-    """Global re-ranking: candidates are unfinished nodes with a finished child,
-    ranked by R + c P sqrt(N(parent)) / (1 + N) (no entropy); the finished (and,
-    quirk, unfinished) children of the best `num_select` are eos-scored."""
+    """Global re-ranking: candidates are unfinished nodes other than the root
+    with a finished child, ranked by their own value (the one they got when
+    evaluated, not the backed-up max) + c P sqrt(N(parent)) / (1 + N), with no
+    entropy term; the finished (and, quirk, unfinished) children of the best
+    `num_select` are eos-scored and the best of them is the answer."""
     s = run.settings
-    candidates = [n for n in root.walk() if not n.terminal and any(c.terminal for c in n.children)]
+    candidates = [n for n in root.walk() if n is not root and not n.terminal and any(c.terminal for c in n.children)]
     if not candidates:
         return _fallback(run, root)
 
     def rank(node: Node) -> float:
-        return node.value + (exploration(node, node.parent, s.c) if node.parent else 0.0)
+        return node.own_value + exploration(node, node.parent, s.c)
 
     kept = sorted(candidates, key=rank, reverse=True)[: s.num_select]
     finalists = [c for n in kept for c in n.children if c.terminal or s.stage2_nonterminal]
@@ -273,20 +320,31 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
 
 
 def _fallback(run: _Run, root: Node) -> SearchResult:
-    """No finished answer in the tree: the best unfinished path, returned as it is
-    or finished by the strong model, choosing greedily by V."""
-    node = _best_path(root)
-    if run.settings.fallback == "truncate" or node is root:
-        return run.result(root, node, node.value, "fallback_truncated")
+    """Nothing for stage 2 to rank: the best path, returned as it is ("truncate")
+    or finished by the strong model ("finish"), choosing greedily by V among K
+    children of L tokens per step. (When that path already ends finished, only the
+    root has finished children: the best of them, eos-scored, is the answer.) With a token budget, the finishing spends only
+    what is left of it: greedy steps while the budget still covers one more step
+    and a plain sample to the end, then that plain sample; if even that does not
+    fit, the answer stops where the budget does (and is reported as truncated)."""
     s = run.settings
+    node = _best_path(root)
+    if node.terminal:  # every finished answer hangs from the root (no candidate has a parent)
+        finished = [c for c in node.parent.children if c.terminal]
+        run.score(finished, eos=True)
+        best = max(finished, key=lambda n: n.eos_value)
+        return run.result(root, best, best.eos_value, "fallback_finished")
+    if s.fallback == "truncate" or node is root:
+        return run.result(root, node, node.value, "fallback_truncated")
+    budget = s.token_budget if s.token_budget is not None else math.inf
     while not node.terminal:
-        run.expand([node], s.children, s.chunk_tokens, distinct=True)
-        run.score(node.children, eos=False)
-        finished = [c for c in node.children if c.terminal]
-        if finished:
-            run.score(finished, eos=True)
-        for child in node.children:
-            child.visits, child.value = 1, child.eos_value if child.terminal else child.proxy.value
+        left = budget - run.strong.tokens_sampled
+        to_go = s.max_new_tokens - len(node.chunk.tokens)
+        if left >= s.children * s.chunk_tokens + max(to_go - s.chunk_tokens, 0):
+            run.expand([node], s.children, s.chunk_tokens, distinct=True)
+        else:
+            run.expand([node], 1, to_go, distinct=False)
+        run.evaluate(node.children, terminal_reward="eos")
         node = max(node.children, key=lambda c: c.value)
     return run.result(root, node, node.value, "fallback_finished")
 
@@ -318,22 +376,23 @@ def _bon(run: _Run) -> SearchResult:
 
 
 def _cbs(run: _Run) -> SearchResult:
-    """Chunk-level beam search: W beams, each grown by K sampled chunks of L
-    tokens; keep the W best by V (eos-scored when finished) until all finish."""
+    """Chunk-level beam search, as in the Weak-to-Strong Search paper's reference
+    code: the first step samples W x K chunks of L tokens from the prompt, so every
+    beam slot starts filled; each later step gives every unfinished beam K sampled
+    chunks, while a finished beam stays in the pool K times over; the W best by V
+    (eos-scored when finished) are kept, until all W are finished. The answer is
+    the top beam. The defaults (W = 2, K = L = 5) are this package's generic ones;
+    that paper used W, K, L = 4, 4, 5 for sentiment and 2, 2, 30 for instructions."""
     s = run.settings
     root = run.root()
     beams = [root]
     try:
         while unfinished := [b for b in beams if not b.terminal]:
-            run.expand(unfinished, s.children, s.chunk_tokens, distinct=False)
-            children = [c for b in unfinished for c in b.children]
-            run.score([c for c in children if not c.terminal], eos=False)
-            if finished := [c for c in children if c.terminal]:
-                run.score(finished, eos=True)
-            for child in children:
-                child.visits, child.value = 1, child.eos_value if child.terminal else child.proxy.value
-            pool = [b for b in beams if b.terminal] + children
-            beams = sorted(pool, key=lambda n: n.value, reverse=True)[: s.beam_width]
+            # The first step fills every beam slot: W x K chunks from the prompt.
+            k = s.beam_width * s.children if beams == [root] else s.children
+            run.expand(unfinished, k, s.chunk_tokens, distinct=False)
+            run.evaluate([c for b in unfinished for c in b.children], terminal_reward="eos")
+            beams = keep_best(beam_pool(beams, s.children), s.beam_width)
             run.iterations += 1
             run.progress(max(len(b.chunk.tokens) for b in beams), s.max_new_tokens, "tokens")
     except _CUT_SHORT as why:

@@ -97,7 +97,7 @@ class StrongModel:
         families: list[tuple[float, list[_Growth]]] = []
         try:
             for parent, row in zip(parents, rows):
-                dist = warp(row, self.sampling)
+                dist = warp(row, self.sampling, self.model.never_sampled)
                 firsts = dist.sample_distinct(rng, k) if distinct else [dist.sample(rng) for _ in range(k)]
                 growing = [_Growth(parent, ctx.fork(parent.branch)) for _ in firsts]
                 families.append((dist.entropy_bits(), growing))
@@ -108,7 +108,7 @@ class StrongModel:
             while active := [child for child in everyone if not child.done(chunk_tokens)]:
                 self.check()
                 for child, row in zip(active, ctx.next_logits([child.branch for child in active])):
-                    dist = warp(row, self.sampling)
+                    dist = warp(row, self.sampling, self.model.never_sampled)
                     token = dist.sample(rng)
                     self._add(child, token, dist.prob(token))
         except BaseException:

@@ -3,6 +3,9 @@
 A node is a plain record: the strong model's chunk (answer so far, prior P,
 finish reason), the weak models' state, visits N, value R and the entropy H of
 the strong model's next-token distribution at the node's end.
+
+The policy choices are tables of plain functions: `SELECTIONS` (how a child is
+picked on the way down) and `BACKUPS` (how a node's value follows its children).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ class Node:
     visits: int = 0
     """N."""
     value: float = 0.0
-    """R: the proxy value of this answer prefix, then the max over its children."""
+    """R: the value this node got when it was evaluated, then its backed-up value
+    (by default the max over its children)."""
+    own_value: float | None = None
+    """The value this node got when it was evaluated, before any backup: what
+    stage 2 ranks candidates by."""
     entropy: float | None = None
     """H (bits) of the strong model's next-token distribution here; set on expansion."""
     eos_value: float | None = None
@@ -49,7 +56,12 @@ class Node:
             stack.extend(reversed(node.children))
 
 
-# --- selection scores ------------------------------------------------------------
+# --- selection rules ---------------------------------------------------------------
+# A rule scores a child for selection: rule(child, parent, c, w) -> float, where c
+# is the exploration constant and w the entropy weight (rules that do not use w
+# ignore it). Selection follows the highest score.
+
+SelectionRule = Callable[[Node, Node, float, float], float]
 
 
 def exploration(child: Node, parent: Node, c: float) -> float:
@@ -58,8 +70,22 @@ def exploration(child: Node, parent: Node, c: float) -> float:
 
 
 def ea_puct(child: Node, parent: Node, c: float, w: float) -> float:
-    """Entropy-Aware PUCT: the bonus grows with the parent's uncertainty H (bits)."""
+    """Entropy-Aware PUCT (the paper's): the bonus grows with the parent's uncertainty H (bits)."""
     return child.value + exploration(child, parent, c) * (1 + w * (parent.entropy or 0.0))
+
+
+def puct(child: Node, parent: Node, c: float, w: float) -> float:
+    """Plain PUCT: the prior-weighted bonus, no entropy term (EA-PUCT with w = 0)."""
+    return child.value + exploration(child, parent, c)
+
+
+def uct(child: Node, parent: Node, c: float, w: float) -> float:
+    """UCT, as the reference code writes it: no prior, no entropy,
+    c * sqrt(ln N(parent) / (1 + N(s)))."""
+    return child.value + c * math.sqrt(math.log(parent.visits) / (1 + child.visits))
+
+
+SELECTIONS: dict[str, SelectionRule] = {"ea-puct": ea_puct, "puct": puct, "uct": uct}
 
 
 def select_path(root: Node, score: Callable[[Node, Node], float]) -> list[Node]:
@@ -81,10 +107,16 @@ def max_of_children(node: Node) -> float:
 
 
 def mean_of_children(node: Node) -> float:
-    """The classic MCTS backup, for the ablation: the mean of the children that
-    have a value (unjudged finished answers, -inf, are left out)."""
-    finite = [child.value for child in node.children if child.value != NEG_INF]
-    return sum(finite) / len(finite) if finite else NEG_INF
+    """Classic MCTS's backup, for the ablation: the visit-weighted mean of the
+    children's values. Classic MCTS keeps a running mean of the returns of every
+    simulation through a node; here a simulation's return is the value of the
+    children it evaluated, so weighting each child's (itself averaged) value by its
+    visits N gives that running mean without storing returns. Finished children
+    not yet judged (-inf, the reference's quirk) are left out: they have no value
+    to average, and one of them would make every mean above it -inf."""
+    judged = [child for child in node.children if child.value != NEG_INF]
+    visits = sum(child.visits for child in judged)
+    return sum(child.value * child.visits for child in judged) / visits if visits else NEG_INF
 
 
 BACKUPS: dict[str, Callable[[Node], float]] = {"max": max_of_children, "mean": mean_of_children}
@@ -96,3 +128,23 @@ def backpropagate(path: list[Node], backup: Callable[[Node], float]) -> None:
         node.visits += 1
         if node.children:
             node.value = backup(node)
+
+
+# --- chunk-level beam search -------------------------------------------------------
+
+
+def beam_pool(beams: list[Node], k: int) -> list[Node]:
+    """The candidates one CBS step chooses from: each unfinished beam's k
+    children, and each finished beam k times over. A finished beam stays in the
+    running exactly as an unfinished one does (as in the baseline's reference,
+    where every beam slot holds k successors), so a finished answer that scores
+    best can fill every slot and end the search."""
+    pool: list[Node] = []
+    for beam in beams:
+        pool.extend([beam] * k if beam.terminal else beam.children)
+    return pool
+
+
+def keep_best(pool: list[Node], width: int) -> list[Node]:
+    """The `width` candidates with the highest values, best first (ties keep pool order)."""
+    return sorted(pool, key=lambda n: n.value, reverse=True)[:width]
