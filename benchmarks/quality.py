@@ -223,13 +223,18 @@ def run_all(jobs: list[Job], rows_path: Path, workers: int, threads: int) -> int
     started = time.perf_counter()
     with rows_path.open("a") as out, ProcessPoolExecutor(workers) as pool:
         futures = [pool.submit(run_job, job, threads) for job in todo]
-        for n, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            if n % 20 == 0 or n == len(todo):
-                elapsed = time.perf_counter() - started
-                print(f"  {n}/{len(todo)} searches, {elapsed / 60:.1f} min", flush=True)
+        try:
+            for n, future in enumerate(as_completed(futures), 1):
+                row = future.result()
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                if n % 20 == 0 or n == len(todo):
+                    elapsed = time.perf_counter() - started
+                    print(f"  {n}/{len(todo)} searches, {elapsed / 60:.1f} min", flush=True)
+        except BaseException:
+            # A failed search (or Ctrl-C) ends the run now, not after every other search.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return len(todo)
 
 

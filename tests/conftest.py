@@ -14,6 +14,11 @@ from tiny_gguf import BrokenModels, TinyModels, write_broken_models, write_tiny_
 from w2s_langchain.registry import pull
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Here rather than in pyproject.toml, so it holds however pytest is started.
+    config.addinivalue_line("markers", "packaged: needs the packaged real models (w2s-models pull ...)")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """tiny_a / tiny_b (shared vocabulary) and tiny_c (another vocabulary)."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from langchain_core.caches import InMemoryCache
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from w2s_langchain.chat_models import ChatW2SAligned, to_conversation
@@ -46,7 +51,11 @@ def test_a_conversation_gets_an_aligned_answer_with_usage(make_chat):
     message = chat.invoke(CONVERSATION)
     assert isinstance(message, AIMessage) and message.content
     usage = message.usage_metadata
-    assert usage["output_tokens"] == message.response_metadata["cost"]["strong_tokens_sampled"]
+    cost = message.response_metadata["cost"]
+    # The answer's tokens; what the search sampled to find it stays in the cost report.
+    assert 0 < usage["output_tokens"] == cost["answer_tokens"] <= 9 < cost["strong_tokens_sampled"]
+    # Counted as the strong model reads the conversation: through its chat template.
+    assert chat.get_num_tokens_from_messages(CONVERSATION) == usage["input_tokens"]
     assert usage["input_tokens"] > 0 and usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     streamed = list(chat.stream(CONVERSATION))
     assert "".join(c.content for c in streamed) == message.content  # same seed
@@ -62,3 +71,78 @@ def test_unsupported_messages_and_models_are_clear_errors(make_chat, tiny_models
     with pytest.raises(ValueError, match="no chat template"):
         make_chat(strong=str(tiny_models.tiny_b)).invoke("Hi")
     assert chat.invoke("Hi").content  # still usable
+
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self):
+        self.progress: list[dict] = []
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+    def on_custom_event(self, name, data, **kwargs):
+        if name == "w2s_progress":
+            self.progress.append(data)
+
+
+@pytest.mark.parametrize("call", ["stream", "astream", "invoke", "ainvoke", "astream_events"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_search_progress_reaches_the_callbacks_on_every_path(make_chat, call, streaming):
+    chat = make_chat(streaming=True) if streaming else make_chat()  # streaming=False would turn streaming off
+    recorder = Recorder()
+    config = {"callbacks": [recorder]}
+
+    async def run_async():
+        if call == "astream":
+            return "".join([c.content async for c in chat.astream("Hi", config=config)])
+        if call == "ainvoke":
+            return (await chat.ainvoke("Hi", config=config)).content
+        events = [e async for e in chat.astream_events("Hi", version="v2")]
+        recorder.progress = [e["data"] for e in events if e["event"] == "on_custom_event"]
+        recorder.tokens = [e["data"]["chunk"].content for e in events if e["event"] == "on_chat_model_stream"]
+        return "".join(recorder.tokens)
+
+    if call == "stream":
+        answer = "".join(c.content for c in chat.stream("Hi", config=config))
+    elif call == "invoke":
+        answer = chat.invoke("Hi", config=config).content
+    else:
+        answer = asyncio.run(run_async())
+    assert answer == make_chat().invoke("Hi").content
+    assert [p["done"] for p in recorder.progress] == [1, 2, 3, 4]
+    if call not in ("invoke", "ainvoke") or streaming:  # streamed: the answer reaches the callbacks too
+        assert "".join(recorder.tokens) == answer
+
+
+def test_a_call_with_other_settings_is_never_served_another_settings_cached_answer(make_chat):
+    set_llm_cache(InMemoryCache())
+    try:
+        chat = make_chat()
+        chat.invoke("Hi")
+        short = chat.invoke("Hi", iterations=1, max_tokens=4)
+        assert short.response_metadata["cost"]["iterations"] == 1 and short.usage_metadata["output_tokens"] <= 4
+        assert chat.bind(iterations=2).invoke("Hi").response_metadata["cost"]["iterations"] == 2
+        again = chat.invoke("Hi", iterations=1, max_tokens=4)  # identical: from the cache
+        assert (again.content, again.response_metadata["cost"]) == (short.content, short.response_metadata["cost"])
+    finally:
+        set_llm_cache(None)
+
+
+def test_tools_and_structured_output_are_refused_with_what_to_do_instead(make_chat):
+    chat = make_chat()
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    with pytest.raises(NotImplementedError, match="Tool calling is not supported .* Use another chat model"):
+        chat.bind_tools([add])
+    with pytest.raises(NotImplementedError, match="Structured output is not supported .* parse the answer yourself"):
+        chat.with_structured_output({"title": "x", "type": "object", "properties": {}})
+
+
+def test_traces_name_the_strong_model(make_chat, tiny_models):
+    chat = make_chat()
+    assert chat.invoke("Hi").response_metadata["model_name"] == tiny_models.tiny_a.name
+    assert chat._get_ls_params()["ls_model_name"] == tiny_models.tiny_a.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,3 +54,103 @@ def test_timeout_with_and_without_a_partial_answer(tiny_preset, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time")
     assert "cut short (timeout)" in err
+
+
+# --- Ctrl-C while the models load ----------------------------------------------------
+# The interrupt is sent from the first line llama.cpp logs inside a load: Python then
+# runs its handler inside llama.cpp's log callback, where ctypes used to drop the
+# KeyboardInterrupt and the run went on to a full answer.
+
+INTERRUPT_DURING_LOAD = """
+import logging, os, signal, sys
+from w2s_langchain.engine.model import _init_backend
+_init_backend()  # first: only lines logged from inside a load send the signal
+
+class CtrlCAtTheFirstLogLine(logging.Handler):
+    sent = False
+    def emit(self, record):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+log = logging.getLogger("w2s_langchain.llama_cpp")
+log.setLevel(logging.DEBUG)
+log.addHandler(CtrlCAtTheFirstLogLine())
+if sys.argv[1] == "cli":
+    from w2s_langchain import cli
+    sys.exit(cli.main(["Once upon a time", "--preset", sys.argv[2], "--iterations", "2"]))
+from w2s_langchain.llms import W2SAlignedLLM
+try:
+    print(W2SAlignedLLM(preset=sys.argv[2], iterations=2).invoke("Once upon a time"))
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["cli", "invoke"])
+def test_ctrl_c_while_models_load_stops_the_run(tiny_preset, how):
+    child = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_DURING_LOAD, how, str(tiny_preset)], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 130, child.stdout + child.stderr
+    assert child.stdout == ""  # no answer
+    assert ("interrupted" if how == "cli" else "KeyboardInterrupt") in child.stderr
+    assert "Exception ignored" not in child.stderr and "Traceback" not in child.stderr
+
+
+# --- the tree file, and errors as JSON ---------------------------------------------------
+
+SHORT = ["--iterations", "2", "--n-threads", "1"]
+
+
+@pytest.mark.parametrize("where", ["a missing directory", "a directory"])
+def test_a_tree_path_that_cannot_be_written_fails_before_any_model_loads(tmp_path, capsys, where):
+    preset = tmp_path / "absent.json"  # models that do not exist: the tree's check must come first
+    absent = {"model": str(tmp_path / "absent.gguf")}
+    preset.write_text(json.dumps({"strong": absent, "weak": absent, "weak_ref": absent}))
+    tree = tmp_path / "no such folder" / "tree.html" if where == "a missing directory" else tmp_path
+    assert cli.main(["Once", "--preset", str(preset), "--tree", str(tree), *SHORT]) == 1
+    err = capsys.readouterr().err
+    assert f"--tree {tree}" in err and "absent.gguf" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (writes fail with ENOSPC)")
+def test_a_tree_that_fails_to_write_at_the_end_still_gives_the_answer(tiny_preset, capsys):
+    argv = ["Once upon a time", "--preset", str(tiny_preset), *SHORT, "--tree", "/dev/full"]
+    assert cli.main(argv) == 3
+    out, err = capsys.readouterr()
+    assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time")
+    assert "the tree was not written to /dev/full: No space left on device" in err
+    assert cli.main(argv + ["--json"]) == 3
+    data = json.loads(capsys.readouterr().out)
+    assert data["text"] and data["error"]["exit_code"] == 3 and "No space left" in data["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "extra, code, error_type",
+    [
+        (["--strong", "no-such-model"], 1, "UnknownModelError"),
+        (["--iterations", "many"], 2, "_UsageError"),
+        (["--n-ctx", "0"], 1, "ValueError"),
+        ([*ENDLESS, "--timeout", "0.3"], 1, "SearchTimeoutError"),
+    ],
+)
+def test_json_errors_are_json(tiny_preset, capsys, extra, code, error_type):
+    assert cli.main(["Once upon a time", "--preset", str(tiny_preset), "--json", *extra]) == code
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["type"] == error_type and error["exit_code"] == code and error["message"]
+
+
+def test_selection_is_a_flag_and_a_preset_key(tiny_preset, tmp_path, capsys):
+    assert cli.main(["Once upon a time", "--preset", str(tiny_preset), "--selection", "uct", "--iterations", "3",
+                     "--n-threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["selection"] == "uct"
+    preset = json.loads(tiny_preset.read_text())
+    preset["search"]["selection"] = "puct"
+    puct_preset = tmp_path / "puct.json"
+    puct_preset.write_text(json.dumps(preset))
+    assert cli.main(["Once upon a time", "--preset", str(puct_preset), "--iterations", "3", "--n-threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["selection"] == "puct"
+    assert cli.main(["Once upon a time", "--preset", str(tiny_preset), "--selection", "alphazero"]) != 0
+    assert "selection must be one of ea-puct, puct, uct" in capsys.readouterr().err

@@ -11,14 +11,14 @@ import re
 import subprocess
 import sys
 import time
-import tracemalloc
+from pathlib import Path
 
 import pytest
 
+from loop_ticker import run_watching_the_loop
 from tiny_gguf import CRAFTED, write_tiny_model
-from w2s_langchain.engine import load_model
-from w2s_langchain.errors import ChatTemplateError
-from w2s_langchain.prompts import PromptFormat, render
+from w2s_langchain.errors import ChatTemplateError, SearchTimeoutError
+from w2s_langchain.llms import W2SAlignedLLM
 
 SECONDS = 2.0  # each refusal comes within this
 PEAK_BYTES = 256 * 2**20  # and builds at most this much
@@ -56,11 +56,11 @@ EXPECTED = {
     "a token twice in the vocabulary": "token .* twice .*would abort",
 }
 
-LOAD_EACH = """
+PEAK_BYTES_IN_CHILD = """
 import json, resource, sys, time
 from w2s_langchain.engine import load_model
 from w2s_langchain.engine.model import _init_backend
-_init_backend()  # once per process, and slow on a busy machine: not part of any file's time
+_init_backend()  # once per process, and slow on a busy machine: not part of any case's time
 
 def peak_bytes():
     # Linux's VmHWM is this process's own peak; ru_maxrss survives exec, so there it
@@ -71,6 +71,17 @@ def peak_bytes():
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
+def reset_peak():
+    # Linux resets VmHWM to the current RSS on "5" (so each case's peak is its own);
+    # elsewhere the peak only grows, which still bounds every case.
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+"""
+
+LOAD_EACH = PEAK_BYTES_IN_CHILD + """
 for path in sys.argv[1:]:
     print(json.dumps({"loading": path}), flush=True)  # the last words, should llama.cpp abort
     started = time.perf_counter()
@@ -147,6 +158,11 @@ RUNS_FOREVER = {
     "deeply nested brackets": "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
     "a template of 210,000 characters": "{{ 1 }}" * 30_000,
 }
+HOLDS_THE_GIL = {  # one C call on big integers: no clock is looked at while it runs
+    "big-integer division": "{% set a = 10**2000000 %}{% set b = 3**1000000 %}{{ (a // b) % 7 }}",
+    "a power of a big integer": "{% set a = 10**2000000 %}{{ (a ** 3) % 7 }}",
+    "a big product": "{% set a = 7**400000 %}{{ (a * a * a * a) % 7 }}",
+}
 EATS_MEMORY = {
     "repeating a string": "{{ 'x' * 10**10 }}",
     "repeating a list": "{{ messages * 10**9 }}",
@@ -157,6 +173,9 @@ EATS_MEMORY = {
     "a wide % format": "{{ '%9999999999s' % '' }}",
     "a wide format filter": "{{ '%9999999999s'|format('') }}",
     "a wide str.format": "{{ '{:9999999999}'.format('') }}",
+    "a width given as an argument": "{{ ('%*s' % (3000000000, 'a'))|length }}",
+    "a nested str.format width": "{{ '{0[0]:>{0[1]}}'.format(['a', 10**9])|length }}",
+    "a nested width in format_map": "{{ '{a:>{w}}'.format_map({'a': 'x', 'w': 10**9})|length }}",
     "a wide center": "{{ 'x'|center(10**10) }}",
     "indenting many lines": "{{ ('\\n' * 10**6)|indent(1000) }}",
     "replacing every gap": "{{ ('x' * 10**6)|replace('', 'y' * 1000) }}",
@@ -170,30 +189,99 @@ EATS_MEMORY = {
         "{% macro m() %}{% for i in range(10**5) %}" + "y" * 50_000 + "{% endfor %}{% endmacro %}{{ m() }}"
     ),
 }
-HOSTILE = REACHES_FOR_PYTHON | RUNS_FOREVER | EATS_MEMORY
+HOSTILE = REACHES_FOR_PYTHON | RUNS_FOREVER | HOLDS_THE_GIL | EATS_MEMORY
 CAUSE = {  # what the error says, by kind of harm
     **dict.fromkeys(REACHES_FOR_PYTHON, "reaches for Python internals|'lipsum' is undefined"),
     **dict.fromkeys(RUNS_FOREVER, "runs longer than 1 s|recurses too deeply|characters long, more than the 100,000"),
-    **dict.fromkeys(EATS_MEMORY, "builds more than 32,000,000 characters"),
+    **dict.fromkeys(HOLDS_THE_GIL, "integers of more than 4,000 digits"),
+    **dict.fromkeys(EATS_MEMORY, "builds more than 32,000,000 characters|integers of more than 4,000 digits"),
 }
+
+RENDER_EACH = PEAK_BYTES_IN_CHILD + """
+from w2s_langchain.prompts import PromptFormat, render
+
+for case, path in json.loads(sys.argv[1]).items():
+    model = load_model(path)
+    print(json.dumps({"rendering": case}), flush=True)  # the last words, should the process die
+    reset_peak()
+    started = time.perf_counter()
+    try:
+        render(model, PromptFormat(format="chat"), "Hi")
+        error, message = None, ""
+    except Exception as err:
+        error, message = type(err).__name__, str(err)
+    seconds, peak = time.perf_counter() - started, peak_bytes()
+    plain = render(model, PromptFormat(), "Hi").plain  # the way out the error names
+    print(json.dumps({"case": case, "error": error, "message": message, "seconds": seconds,
+                      "peak_bytes": peak, "plain": plain}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def template_outcomes(tmp_path_factory) -> tuple[dict[str, dict], Path]:
+    """What rendering each hostile template gave, rendered one after the other in one
+    child process (which measures its own time and peak memory), and the folder
+    where a template that ran code would have left its canary file."""
+    pytest.importorskip("resource")
+    folder = tmp_path_factory.mktemp("templates")
+    paths = {}
+    for i, (case, template) in enumerate(HOSTILE.items()):
+        template = template.replace("CANARY", str(folder / f"canary{i}"))
+        paths[case] = str(write_tiny_model(folder / f"{i}.gguf", vocab="ab", seed=1, chat_template=template))
+    child = subprocess.run(
+        [sys.executable, "-c", RENDER_EACH, json.dumps(paths)], capture_output=True, text=True, timeout=600
+    )
+    lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    last = lines[-1].get("rendering") if lines else None
+    assert child.returncode == 0, f"the process died (code {child.returncode}) rendering {last!r}:\n{child.stderr[-2000:]}"
+    return {line["case"]: line for line in lines if "case" in line}, folder
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_a_hostile_chat_template_is_refused_without_running_code(tmp_path, case):
-    canary = tmp_path / "canary"
-    template = HOSTILE[case].replace("CANARY", str(canary))
-    model = load_model(write_tiny_model(tmp_path / "hostile.gguf", vocab="ab", seed=1, chat_template=template))
-    tracemalloc.start()
+def test_a_hostile_chat_template_is_refused_without_running_code(template_outcomes, case):
+    outcomes, folder = template_outcomes
+    outcome = outcomes[case]
+    assert outcome["error"] == "ChatTemplateError"
+    assert re.search(r"chat template of \d+\.gguf is unusable", outcome["message"])
+    assert outcome["seconds"] < SECONDS, f"{outcome['seconds']:.1f} s"
+    assert outcome["peak_bytes"] < PEAK_BYTES, f"peak {outcome['peak_bytes'] / 2**20:.0f} MB"
+    assert not list(folder.glob("canary*"))
+    assert re.search(CAUSE[case], outcome["message"]), outcome["message"]
+    assert 'format "plain"' in outcome["message"]  # says how to go on
+    assert outcome["plain"] == "Hi"  # ...and the way out it names works: the same file, plain text
+
+
+def aligned_llm(tiny_models, weak, **fields) -> W2SAlignedLLM:
+    """The tiny models, the weak one shown the prompt through its chat template."""
+    return W2SAlignedLLM(
+        strong=str(tiny_models.tiny_a), weak=str(weak), weak_ref=str(tiny_models.tiny_b),
+        strong_prompt={"format": "plain"}, weak_prompt={"format": "chat"}, weak_ref_prompt={"format": "plain"},
+        iterations=2, n_ctx=512, n_threads=1, **fields,
+    )
+
+
+@pytest.mark.parametrize("case", ["big-integer division", "nested range loops"])
+def test_an_async_caller_keeps_its_event_loop_while_a_template_is_refused(tiny_models, tmp_path, case):
+    hostile = write_tiny_model(tmp_path / "hostile.gguf", vocab="ab", seed=1, chat_template=HOSTILE[case])
+    llm = aligned_llm(tiny_models, hostile)
+
+    async def refused():
+        started = time.perf_counter()
+        with pytest.raises(ChatTemplateError):
+            await llm.ainvoke("Once")
+        return time.perf_counter() - started
+
+    seconds, ticks, longest_stall = run_watching_the_loop(refused)
+    assert seconds < SECONDS + 1  # the render's bound, plus loading the tiny models
+    assert longest_stall < SECONDS / 4, f"the event loop stood still for {longest_stall:.2f} s ({ticks} ticks)"
+
+
+def test_a_template_renders_within_the_searchs_timeout(tiny_models, tmp_path):
+    hostile = write_tiny_model(tmp_path / "slow.gguf", vocab="ab", seed=1, chat_template=HOSTILE["nested range loops"])
+    untimed, timed = aligned_llm(tiny_models, hostile), aligned_llm(tiny_models, hostile, timeout=0.3)
+    with pytest.raises(ChatTemplateError, match="runs longer than 1 s"):  # and the models are loaded
+        untimed.invoke("Once")
     started = time.perf_counter()
-    try:
-        with pytest.raises(ChatTemplateError, match=r"chat template of hostile\.gguf is unusable") as refused:
-            render(model, PromptFormat(format="chat"), "Hi")
-        seconds, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert seconds < SECONDS and peak < PEAK_BYTES
-    assert not canary.exists()
-    assert re.search(CAUSE[case], str(refused.value))
-    assert 'format "plain"' in str(refused.value)  # says how to go on
-    # ...and the way out it names works: the same file, plain text.
-    assert render(model, PromptFormat(), "Hi").plain == "Hi"
+    with pytest.raises(SearchTimeoutError, match="while rendering a chat template"):
+        timed.invoke("Once")
+    assert time.perf_counter() - started < 0.3 + 0.3  # not the template's own bound of 1 s

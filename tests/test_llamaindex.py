@@ -55,3 +55,29 @@ def test_bad_input(llm, tiny_models):
         W2SAlignedLlamaIndexLLM(children=0)
     with pytest.raises(ValueError, match="unknown search settings"):
         llm.complete("Hi", itrations=2)
+
+
+CONVERSATION = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+
+
+def test_streamed_chat_keeps_the_roles_and_answers_as_chat_does(llm):
+    reply = llm.chat(CONVERSATION)
+    streamed = list(llm.stream_chat(CONVERSATION))
+    assert "".join(r.delta for r in streamed) == streamed[-1].message.content == reply.message.content
+    assert streamed[-1].raw["cost"]["prompt_tokens"] == reply.raw["cost"]["prompt_tokens"]  # the same rendering
+
+    async def stream():
+        return [r.delta async for r in await llm.astream_chat(CONVERSATION)]
+
+    deltas, ticks = run_while_ticking(stream)
+    assert "".join(deltas) == reply.message.content and ticks > 5
+
+
+def test_max_tokens_and_other_settings_per_call(llm):
+    assert llm.max_tokens == 9
+    short = llm.complete("Once upon a time", max_tokens=3, iterations=1)
+    assert short.raw["settings"]["max_new_tokens"] == 3 and short.raw["cost"]["iterations"] == 1
+    assert short.raw["cost"]["answer_tokens"] <= 3
+    assert llm.chat(CONVERSATION, max_tokens=3).raw["settings"]["max_new_tokens"] == 3
+    assert llm.complete("Once upon a time").raw["settings"]["max_new_tokens"] == 9  # the call changed nothing
+    assert llm.metadata.model_name == "tiny_a.gguf"  # the strong model's

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +17,7 @@ import llama_cpp
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from pydantic import ValidationError
@@ -36,6 +40,8 @@ def make_llm(tiny_models):
             strong_prompt=PLAIN, weak_prompt=PLAIN, weak_ref_prompt=PLAIN,
             iterations=6, children=3, chunk_tokens=3, max_new_tokens=12, n_ctx=512, n_threads=1, seed=3,
         )
+        if "max_tokens" in fields:  # the same setting under its other name
+            del settings["max_new_tokens"]
         return W2SAlignedLLM(**{**settings, **fields})
 
     return make
@@ -44,12 +50,22 @@ def make_llm(tiny_models):
 class Recorder(BaseCallbackHandler):
     def __init__(self):
         self.events: list[tuple[str, object]] = []
+        self.metadata: dict = {}
+
+    def on_llm_start(self, serialized, prompts, *, metadata=None, **kwargs):
+        self.metadata = metadata or {}
+
+    def on_chat_model_start(self, serialized, messages, *, metadata=None, **kwargs):
+        self.metadata = metadata or {}
 
     def on_llm_new_token(self, token, **kwargs):
         self.events.append(("token", token))
 
     def on_custom_event(self, name, data, **kwargs):
         self.events.append((name, data))
+
+    def of(self, name: str) -> list:
+        return [data for event, data in self.events if event == name]
 
 
 def test_invoke_runs_the_search_and_reports_it(make_llm):
@@ -62,7 +78,8 @@ def test_invoke_runs_the_search_and_reports_it(make_llm):
     info = generation.generation_info
     assert info["strategy"] == "w2s" and info["cost"]["iterations"] == 6 and "value" in info
     usage = result.llm_output["token_usage"]
-    assert usage["completion_tokens"] == info["cost"]["strong_tokens_sampled"] > 0
+    # The answer's tokens, not every token the search sampled (that is the cost report's).
+    assert 0 < usage["completion_tokens"] == info["cost"]["answer_tokens"] <= 12 < info["cost"]["strong_tokens_sampled"]
     assert usage["prompt_tokens"] > 0
 
 
@@ -189,7 +206,6 @@ def test_lcel_chain(make_llm):
     answer = chain.invoke({"topic": "owls"})
     assert answer and answer == llm.invoke("Tell me about owls.")
     assert answer != llm.invoke("Tell me about cats.")
-
 
 
 def test_bad_input_is_refused_before_any_search_and_the_instance_stays_usable(make_llm):
@@ -332,3 +348,153 @@ def test_a_deleted_component_frees_its_model_without_waiting_for_the_gc(make_llm
         assert model() is None  # no search left a cycle holding the contexts behind
     finally:
         gc.enable()
+
+
+@pytest.fixture
+def global_llm_cache():
+    cache = InMemoryCache()
+    set_llm_cache(cache)
+    yield cache
+    set_llm_cache(None)
+
+
+def test_a_call_with_other_settings_is_never_served_another_settings_cached_answer(make_llm, global_llm_cache):
+    llm = make_llm()
+    first = llm.generate([PROMPT]).generations[0][0]
+
+    def call(**settings):
+        recorder = Recorder()
+        generation = llm.generate([PROMPT], callbacks=[recorder], **settings).generations[0][0]
+        return generation, len(recorder.of("w2s_progress"))  # no progress: served from the cache
+
+    short, searched = call(iterations=1, max_new_tokens=4)
+    assert searched == 1 and short.generation_info["cost"]["iterations"] == 1
+    assert short.generation_info["settings"]["max_new_tokens"] == 4 and short.generation_info["cost"]["answer_tokens"] <= 4
+    hot, searched = call(temperature=1.5, seed=7)
+    assert searched == 6 and hot.generation_info["settings"]["temperature"] == 1.5
+    recorder = Recorder()
+    llm.bind(iterations=5).invoke(PROMPT, config={"callbacks": [recorder]})
+    assert [p["done"] for p in recorder.of("w2s_progress")] == [1, 2, 3, 4, 5]
+    # Identical calls are still served from the cache.
+    assert call(iterations=1, max_new_tokens=4) == (short, 0)
+    assert call() == (first, 0)
+
+
+def test_progress_reaches_the_callbacks_of_every_call(make_llm):
+    llm = make_llm()
+
+    async def async_calls():
+        invoked, streamed = Recorder(), Recorder()
+        await llm.ainvoke(PROMPT, config={"callbacks": [invoked]})
+        [piece async for piece in llm.astream(PROMPT, config={"callbacks": [streamed]})]
+        events = [e async for e in llm.astream_events(PROMPT, version="v2")]
+        return invoked, streamed, [e["data"] for e in events if e["event"] == "on_custom_event"]
+
+    invoked = Recorder()
+    llm.invoke(PROMPT, config={"callbacks": [invoked]})
+    async_invoked, async_streamed, events = asyncio.run(async_calls())
+    for progress in (invoked.of("w2s_progress"), async_invoked.of("w2s_progress"), async_streamed.of("w2s_progress"), events):
+        assert [p["done"] for p in progress] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("call", ["invoke", "ainvoke"])
+def test_streaming_true_sends_the_answer_to_the_callbacks_in_pieces(make_llm, call):
+    llm = make_llm(streaming=True)
+    recorder = Recorder()
+    config = {"callbacks": [recorder]}
+    answer = llm.invoke(PROMPT, config=config) if call == "invoke" else asyncio.run(llm.ainvoke(PROMPT, config=config))
+    tokens = recorder.of("token")
+    assert tokens and "".join(tokens) == answer == make_llm().invoke(PROMPT)
+    assert [name for name, _ in recorder.events][-len(tokens) :] == ["token"] * len(tokens)  # after the progress
+
+
+def test_max_tokens_is_max_new_tokens_everywhere(make_llm):
+    llm = make_llm(max_tokens=5)
+    assert llm.max_tokens == llm.max_new_tokens == 5
+    llm.max_tokens = 6
+    assert llm.max_new_tokens == 6
+
+    def settings_of(generation) -> dict:
+        return generation.generation_info["settings"]
+
+    assert settings_of(llm.generate([PROMPT]).generations[0][0])["max_new_tokens"] == 6
+    assert settings_of(llm.generate([PROMPT], max_tokens=4).generations[0][0])["max_new_tokens"] == 4
+    assert llm.bind(max_tokens=4).invoke(PROMPT) == llm.invoke(PROMPT, max_new_tokens=4)
+    with pytest.raises(ValueError, match="disagree"):
+        llm.invoke(PROMPT, max_tokens=4, max_new_tokens=5)
+
+
+def test_traces_name_the_strong_model_and_the_weak_pair(make_llm, tiny_models):
+    recorder = Recorder()
+    make_llm().invoke(PROMPT, config={"callbacks": [recorder]})
+    assert recorder.metadata["ls_model_name"] == tiny_models.tiny_c.name
+    assert recorder.metadata["w2s_weak_model"] == str(tiny_models.tiny_a)
+    assert recorder.metadata["w2s_weak_ref_model"] == str(tiny_models.tiny_b)
+    named = make_llm(model_name="my-aligned-model")
+    assert named.generate([PROMPT]).llm_output["model_name"] == "my-aligned-model"
+
+
+def test_the_components_import_from_the_package_root_without_llamaindex():
+    code = (
+        "import sys\n"
+        "from w2s_langchain import ChatW2SAligned, W2SAlignedLLM\n"
+        "assert not any(m.startswith('llama_index') for m in sys.modules), 'llama_index imported'\n"
+        "from w2s_langchain import W2SAlignedLlamaIndexLLM\n"
+        "import w2s_langchain.chat_models, w2s_langchain.llms, w2s_langchain.llamaindex_llm as li\n"
+        "assert ChatW2SAligned is w2s_langchain.chat_models.ChatW2SAligned\n"
+        "assert W2SAlignedLLM is w2s_langchain.llms.W2SAlignedLLM and W2SAlignedLlamaIndexLLM is li.W2SAlignedLlamaIndexLLM\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_timeout_counts_the_time_spent_waiting_for_another_search(make_llm):
+    slow = make_llm(**ENDLESS, timeout=4.0)
+    queued = make_llm(**ENDLESS, timeout=0.3)
+    assert slow._config.runtime == queued._config.runtime  # one set of models: the second waits for the first
+    started = SearchStarted()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(slow.invoke, PROMPT, config={"callbacks": [started]})
+        assert started.event.wait(timeout=30)
+        begin = time.perf_counter()
+        with pytest.raises(SearchTimeoutError):
+            queued.invoke(PROMPT)
+        waited = time.perf_counter() - begin
+        assert not running.done()  # it timed out while queued, not after the other search
+        with pytest.raises(SearchTimeoutError):
+            running.result()
+    assert waited < 0.3 + 0.3
+
+
+def test_a_context_too_small_for_the_search_is_said_once(make_llm):
+    llm = make_llm(n_ctx=100, **LONG_SEARCH)
+    with pytest.warns(RuntimeWarning, match=r"holds 256 tokens \(n_ctx=100, which llama.cpp rounds up") as caught:
+        llm.invoke(PROMPT)
+    assert "Raise n_ctx (e.g. to 512)" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm.invoke(PROMPT)  # once: no second warning
+        make_llm().invoke(PROMPT)  # a search that fits says nothing
+    assert llm.n_ctx == 100  # the setting is not changed behind the user's back
+
+
+def test_selection_is_a_field(make_llm):
+    assert make_llm(selection="uct")._config.search.selection == "uct"
+    info = make_llm().generate(["Once upon a time"], selection="puct").generations[0][0].generation_info
+    assert info["settings"]["selection"] == "puct"
+    with pytest.raises(ValidationError, match="selection"):
+        make_llm(selection="alphazero")
+
+
+@pytest.mark.packaged
+def test_a_timeout_holds_while_the_models_read_a_long_prompt(packaged_models):
+    # The sentiment preset's models; reading this prompt (430 tokens) in one go
+    # takes them over a second on one thread.
+    llm = W2SAlignedLLM(n_threads=1, iterations=50, timeout=0.5)
+    llm.invoke("Hello", iterations=1, max_new_tokens=2, timeout=60.0)  # loads the models: not what is timed here
+    long_prompt = "The restaurant on the corner serves soup, bread and tea to the people of the town. " * 24
+    begin = time.perf_counter()
+    with pytest.raises(SearchTimeoutError):
+        llm.invoke(long_prompt)
+    # Within one piece of a decode (32 tokens) and the release, with room for a busy machine.
+    assert time.perf_counter() - begin < 0.5 + 0.4

@@ -35,8 +35,9 @@ from test_registry import (  # noqa: F401 (cli_setup ... wheel_dir are fixtures)
     wheel_dir,
 )
 from w2s_langchain import models_cli, registry
+from w2s_langchain.aligner import load_named_model
 from w2s_langchain.engine import load_model
-from w2s_langchain.errors import ChecksumMismatchError, ModelNotPulledError, PullError
+from w2s_langchain.errors import ChecksumMismatchError, ModelNotPulledError, PullError, UnknownModelError
 from w2s_langchain.registry import MODELS_DIR_ENV, VERIFIED_RECORD, pull, resolve_model
 
 USERS_FILE = "users-own.gguf"
@@ -185,6 +186,16 @@ def test_a_damaged_record_only_means_hashing_again(models_dir, pip_args, hashes)
     assert MODEL_FILE in recorded_files(models_dir)  # written anew
 
 
+def test_a_record_nested_too_deeply_to_parse_is_ignored_and_rewritten(models_dir, pip_args, hashes):
+    path = pull_test_model(models_dir, pip_args)
+    age(path)
+    (models_dir / VERIFIED_RECORD).write_text("[" * 200_000)  # json.load: RecursionError
+    assert resolve_test_model(models_dir) == path
+    assert len(hashes) == 1
+    assert MODEL_FILE in recorded_files(models_dir)  # written anew
+    assert pull(MODEL, models_dir=models_dir, registry=make_registry(), pip_args=pip_args) == path
+
+
 def test_a_record_that_cannot_be_written_only_means_hashing_again(models_dir, pip_args, hashes):
     path = pull_test_model(models_dir, pip_args)
     age(path)
@@ -203,26 +214,50 @@ def test_a_path_is_taken_as_given(models_dir, hashes):
     assert hashes == []
 
 
-def test_load_model_refuses_a_damaged_registry_file(tiny_models, tmp_path, monkeypatch):
+def tiny_model_in_the_registry(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`tiny_model` pulled as the registry's MODEL (the default registry and models
+    directory point at temporary ones); returns the registry file."""
     models_dir = tmp_path / "models"
     models_dir.mkdir()
     pulled = models_dir / MODEL_FILE
-    shutil.copyfile(tiny_models.tiny_b, pulled)
+    shutil.copyfile(tiny_model, pulled)
     data = pulled.read_bytes()
     registry_file = tmp_path / "registry.json"
     pins = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     registry_file.write_text(json.dumps(registry_json(**pins)))
     monkeypatch.setattr(registry, "default_registry_path", lambda: registry_file)
     monkeypatch.setenv(MODELS_DIR_ENV, str(models_dir))
+    return registry_file
 
-    assert load_model(MODEL).path == pulled
+
+def test_load_named_model_refuses_a_damaged_registry_file(tiny_models, tmp_path, monkeypatch):
+    tiny_model_in_the_registry(tiny_models.tiny_b, tmp_path, monkeypatch)
+    pulled = tmp_path / "models" / MODEL_FILE
+    assert load_named_model(MODEL).path == pulled
     flip_a_byte(pulled)  # in the tensor data: llama.cpp itself would load it
     assert load_model(pulled).path == pulled  # a path is loaded as given
     with pytest.raises(ChecksumMismatchError, match=re.escape(str(pulled))):
-        load_model(MODEL)
+        load_named_model(MODEL)
     pulled.unlink()
     with pytest.raises(ModelNotPulledError, match=f"w2s-models pull {MODEL}"):
-        load_model(MODEL)
+        load_named_model(MODEL)
+
+
+def test_a_file_named_like_a_registry_model_never_stands_in_for_it(tiny_models, tmp_path, monkeypatch, capsys):
+    registry_file = tiny_model_in_the_registry(tiny_models.tiny_b, tmp_path, monkeypatch)
+    pulled = tmp_path / "models" / MODEL_FILE
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copyfile(tiny_models.tiny_c, work / MODEL)  # another model, named like the registry's
+    shutil.copyfile(tiny_models.tiny_c, work / "mine")
+    monkeypatch.chdir(work)
+
+    assert load_named_model(MODEL).path == pulled  # the name: the registry's file, sha256 checked
+    assert models_cli.main(["--registry", str(registry_file), "path", MODEL]) == 0
+    assert capsys.readouterr().out.strip() == str(pulled)
+    assert load_named_model(f"./{MODEL}").path == work / MODEL  # a path needs a "/" (or .gguf)
+    with pytest.raises(UnknownModelError, match=r"a path has a \"/\" or the \.gguf suffix: \./NAME"):
+        load_named_model("mine")  # not a registry name, and a bare name is never a path
 
 
 # --- pulls that fail half-way --------------------------------------------------

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
+
 from .engine import Context, LoadSettings, Model, load_model
+from .engine.context import _MAX_THREADS, _check_int_range, default_n_ctx
 from .errors import ContextOverflowError
-from .prompts import Prompt, PromptFormat, render
+from .prompts import Prompt, PromptFormat, check_prompt, render
+from .registry import resolve_model
 from .search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
-from .search.strategies import Progress
+from .search.strategies import Progress, stop_check
+from .template_sandbox import search_time_limit
 
 PRESETS_DIR = Path(__file__).with_name("presets")
+# Seconds between looks at the timeout and cancel while waiting for the models.
+_WAIT_STEP = 0.05
 DEFAULT_PRESET = "sentiment"
 
 
@@ -33,26 +42,63 @@ class Role:
     """Registry name or path to a .gguf file."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
 
+    def check(self, role: str) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"{role} must name a model (a registry name or a .gguf path), got {self.model!r}")
+
+
+_MAX_N_CTX = 2**24
+# The largest n_ctx accepted before a model is known: above the longest training
+# context of any GGUF model (10M tokens), far below llama.cpp's uint32 limit.
+
 
 @dataclass(frozen=True)
 class Runtime:
-    """llama.cpp settings shared by the three models."""
+    """llama.cpp settings shared by the three models.
+
+    The one declaration of the runtime settings: the components' fields, the
+    `w2s-align` flags and their help, and a preset's "runtime" keys are all read
+    from it (see declared_settings.py)."""
 
     n_ctx: int | None = None
-    """KV cells per model context; default: the model's training context, at most 4096."""
+    """KV cells per model context, for all its branches together (llama.cpp rounds
+    it up to a multiple of 256); default: the model's training context, at most 4096."""
     n_batch: int | None = None
+    """Most tokens one llama_decode call reads; default: min(512, n_ctx)."""
     n_threads: int | None = None
+    """CPU threads per model; default: half the CPUs."""
     n_seq_max: int = 64
+    """Branches a context keeps in its KV cache at once; more are evicted and read again on use."""
     n_gpu_layers: int = 0
+    """Layers offloaded to the GPU (-1: all), for Metal / CUDA builds of llama.cpp."""
     use_mmap: bool = True
+    """Map the model files into memory instead of reading them."""
     use_mlock: bool = False
+    """Ask the OS to keep the weights in RAM (never swapped out)."""
+
+    def __post_init__(self) -> None:
+        # Checked when the settings are made, so a bad value fails at construction
+        # with its name, not at the first call (or deep inside llama.cpp). Limits
+        # that depend on the model (n_ctx <= its training context) wait for it.
+        if self.n_ctx is not None:
+            _check_int_range("n_ctx", self.n_ctx, 16, _MAX_N_CTX, "no model is trained on more")
+        if self.n_batch is not None:
+            _check_int_range("n_batch", self.n_batch, 1, self.n_ctx or _MAX_N_CTX, "n_ctx")
+        if self.n_threads is not None:
+            _check_int_range("n_threads", self.n_threads, 1, _MAX_THREADS, "llama.cpp's thread limit")
+        max_seq = llama_cpp.llama_max_parallel_sequences()
+        _check_int_range("n_seq_max", self.n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+        for name in ("use_mmap", "use_mlock"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.load_settings()  # checks n_gpu_layers
 
     def load_settings(self) -> LoadSettings:
         return LoadSettings(self.n_gpu_layers, self.use_mmap, self.use_mlock)
 
     def context_size(self, model: Model) -> int:
         """The n_ctx a context of `model` gets."""
-        return self.n_ctx if self.n_ctx is not None else min(model.n_ctx_train, 4096)
+        return self.n_ctx if self.n_ctx is not None else default_n_ctx(model)
 
     def new_context(self, model: Model) -> Context:
         return Context(
@@ -71,6 +117,10 @@ class AlignerConfig:
     runtime: Runtime = field(default_factory=Runtime)
     description: str = ""
 
+    def __post_init__(self) -> None:
+        for name in ("strong", "weak", "weak_ref"):
+            getattr(self, name).check(name)
+
     def with_overrides(
         self,
         *,
@@ -85,9 +135,9 @@ class AlignerConfig:
         roles = {}
         for name in ("strong", "weak", "weak_ref"):
             role, prompt = getattr(self, name), prompts.get(name)
-            roles[name] = Role(models.get(name) or role.model, PromptFormat(**prompt) if prompt is not None else role.prompt)
+            model = models.get(name)  # "" is a (bad) model name, not "keep the preset's"
+            roles[name] = Role(role.model if model is None else model, PromptFormat(**prompt) if prompt is not None else role.prompt)
         new_runtime = replace(self.runtime, **_given(runtime))
-        new_runtime.load_settings()  # checks n_gpu_layers
         return replace(self, search=self.search.with_(**_given(search)), runtime=new_runtime, **roles)
 
     @classmethod
@@ -135,6 +185,12 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> AlignerConfig:
         return AlignerConfig.from_dict(json.load(f))
 
 
+def load_named_model(name_or_path: str | Path, settings: LoadSettings | None = None) -> Model:
+    """The loaded model for a registry name or a GGUF path (told apart as
+    `registry.resolve_model` says), shared process-wide."""
+    return load_model(resolve_model(name_or_path), settings)
+
+
 class Aligner:
     """Runs searches for one config. Models load on first use and are shared
     process-wide; this object's contexts are reused between searches, which run
@@ -144,6 +200,7 @@ class Aligner:
         self.config = config
         self._models: SearchModels | None = None
         self._lock = threading.Lock()
+        self._warned: set[int] = set()  # ids of the contexts already found too small
 
     def search(
         self,
@@ -152,12 +209,48 @@ class Aligner:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
     ) -> SearchResult:
-        """One search (see `search.search`); `cancel`, set from another thread, stops it."""
+        """One search (see `search.search`); `cancel`, set from another thread, stops it.
+        The timeout bounds the whole call: waiting for another search on these
+        models, loading them on first use (which cannot be interrupted: a load that
+        ends past the deadline stops the call right after), and the search."""
+        started = time.perf_counter()
+        check_prompt(prompt)  # before anything else: a bad prompt must not wait for models to load
         settings = settings or self.config.search
-        with self._lock:
+        check = stop_check(settings, cancel, started)
+        # Queued behind another search: wait in short steps, so a timeout or a
+        # cancel ends the wait too.
+        while not self._lock.acquire(timeout=_WAIT_STEP):
+            check()
+        try:
             models = self._load()
-            self._check_fits(models, prompt, settings)
-            return search(models, prompt, settings, progress, cancel)
+            with search_time_limit(settings.timeout, started):  # chat templates render within the search's time
+                self._check_fits(models, prompt, settings)
+                contexts = [models.strong, *models.proxy.contexts]
+                evicted_before = [c.stats.evictions_for_cells for c in contexts]
+                result = search(models, prompt, settings, progress, cancel, started)
+            self._warn_if_cramped(contexts, evicted_before)
+            return result
+        finally:
+            self._lock.release()
+
+    def _warn_if_cramped(self, contexts: list[Context], evicted_before: list[int]) -> None:
+        """Say so, once per context, when its KV cache was too small for a search to
+        keep its branches: they were evicted and read again, which can make a search
+        several times slower. n_ctx itself stays what the user set."""
+        for context, before in zip(contexts, evicted_before):
+            evicted = context.stats.evictions_for_cells - before
+            if not evicted or id(context) in self._warned:
+                continue
+            self._warned.add(id(context))
+            asked = self.config.runtime.n_ctx
+            rounded = f" (n_ctx={asked}, which llama.cpp rounds up to a multiple of 256)" if asked not in (None, context.n_ctx) else ""
+            warnings.warn(
+                f"the KV cache of {context.model.path.name} holds {context.n_ctx} tokens{rounded}, too few for this "
+                f"search: it evicted {evicted} branches to make room and read them again, which slows the search. "
+                f"Raise n_ctx (e.g. to {2 * context.n_ctx}) or search less (iterations, children, max_new_tokens).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _load(self) -> SearchModels:
         if self._models is None:
@@ -165,7 +258,7 @@ class Aligner:
             contexts: dict[str, Context] = {}
 
             def context_for(role: Role) -> Context:
-                model = load_model(role.model, rt.load_settings())
+                model = load_named_model(role.model, rt.load_settings())
                 key = str(model.path)
                 if key not in contexts:  # one context per model: roles sharing it score together
                     contexts[key] = rt.new_context(model)
@@ -176,7 +269,7 @@ class Aligner:
                 WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt),
             )
             # The strong model gets a context of its own even when it is also a weak one.
-            strong = rt.new_context(load_model(cfg.strong.model, rt.load_settings()))
+            strong = rt.new_context(load_named_model(cfg.strong.model, rt.load_settings()))
             self._models = SearchModels(strong, cfg.strong.prompt, proxy)
         return self._models
 

@@ -10,19 +10,26 @@ strong model must have a chat template: pick an instruct model, e.g.
 
 from __future__ import annotations
 
+import contextvars
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict
 
-from .aligned_settings import LangChainAligned, answer_pieces, generation_info, in_thread
-from .prompts import Message
+from .aligned_search import generation_info, stream_pieces
+from .langchain_aligned import LangChainAligned
+from .prompts import Message, render
 from .search import SearchResult
+
+# The run a stream call opened, until its `_stream` takes it (see ChatW2SAligned.stream).
+_stream_run: contextvars.ContextVar[CallbackManagerForLLMRun | None] = contextvars.ContextVar("w2s_stream_run", default=None)
 
 _ROLE_OF = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
 
@@ -46,9 +53,13 @@ def to_conversation(messages: list[BaseMessage]) -> list[Message]:
     return conversation
 
 
-def _usage(result: SearchResult) -> UsageMetadata:
-    prompt, answer = result.cost.prompt_tokens, result.cost.strong_tokens_sampled
-    return UsageMetadata(input_tokens=prompt, output_tokens=answer, total_tokens=prompt + answer)
+# Why bind_tools and with_structured_output refuse, and what to do instead.
+_NO_TOOLS = (
+    "{what} is not supported by ChatW2SAligned: the search picks the answer the weak models prefer, and "
+    "nothing makes that answer a valid tool call or schema. Use another chat model for tool calls or "
+    "structured output (e.g. ChatLlamaCpp or ChatOllama on the same GGUF file), and this one for the "
+    "final free-text answer; or ask for JSON in the prompt and parse the answer yourself."
+)
 
 
 class ChatW2SAligned(LangChainAligned, BaseChatModel):
@@ -61,56 +72,110 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
     def _llm_type(self) -> str:
         return "w2s-aligned-chat"
 
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_TOOLS.format(what="Tool calling"))
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_TOOLS.format(what="Structured output"))
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Any = None) -> int:
+        """Prompt tokens of the conversation as the strong model reads it: rendered by
+        its prompt format (its chat template), as `usage_metadata["input_tokens"]` counts."""
+        if tools:
+            raise NotImplementedError(_NO_TOOLS.format(what="Tool calling"))
+        model = self._strong_model()
+        return len(render(model, self._config.strong.prompt, to_conversation(messages)).tokenize_with(model, ""))
+
+    def _usage(self, result: SearchResult) -> UsageMetadata:
+        """Prompt and answer tokens; what the search sampled is in the response's `cost`."""
+        prompt, answer = result.cost.prompt_tokens, result.cost.answer_tokens
+        return UsageMetadata(input_tokens=prompt, output_tokens=answer, total_tokens=prompt + answer)
+
+    # langchain-core runs `_stream` without the run's callback manager (stream and
+    # astream, and an invoke it streams: streaming=True, astream_events), so search
+    # progress could not reach the callbacks from there. A stream call therefore
+    # names its run (its id) and hands `_stream` a manager for it, and an invoke
+    # goes through `_generate`, which has the manager and sends the answer's pieces
+    # to it where langchain-core would have streamed.
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, *, stop=None, **kwargs: Any) -> Iterator[Any]:
+        config = self._open_stream_run(config)
+        try:
+            yield from super().stream(input, config, stop=stop, **kwargs)
+        finally:
+            _stream_run.set(None)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, *, stop=None, **kwargs: Any) -> AsyncIterator[Any]:
+        config = self._open_stream_run(config)
+        try:
+            async for chunk in super().astream(input, config, stop=stop, **kwargs):
+                yield chunk
+        finally:
+            _stream_run.set(None)
+
+    def _open_stream_run(self, config: RunnableConfig | None) -> RunnableConfig:
+        """Fix the id of the run a stream call is about to open, and keep a manager
+        for that run (with the handlers langchain-core gives it) for `_stream`."""
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or uuid.uuid4()
+        manager = CallbackManager.configure(
+            config.get("callbacks"), self.callbacks, self.verbose,
+            config.get("tags"), self.tags, config.get("metadata"), self.metadata,
+        )
+        _stream_run.set(
+            CallbackManagerForLLMRun(
+                run_id=config["run_id"], handlers=manager.handlers, inheritable_handlers=manager.inheritable_handlers,
+                parent_run_id=manager.parent_run_id, tags=manager.tags, metadata=manager.metadata,
+            )
+        )
+        return config
+
+    def _should_stream(self, *, async_api: bool, run_manager=None, **kwargs: Any) -> bool:
+        if run_manager is not None:  # an invoke: `_generate` streams it (see above)
+            return False
+        return super()._should_stream(async_api=async_api, **kwargs)
+
+    def _streams_invoke(self, run_manager) -> bool:
+        """Whether langchain-core would have streamed this invoke to its callbacks."""
+        return run_manager is not None and super()._should_stream(async_api=False, run_manager=run_manager)
+
     def _generate(
         self, messages: list[BaseMessage], stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> ChatResult:
-        result = self._search(to_conversation(messages), stop, run_manager, kwargs)
+        result = self._search_for_run(to_conversation(messages), stop, run_manager, kwargs)
+        if self._streams_invoke(run_manager):
+            for chunk in self._chunks(result):
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        return self._chat_result(result)
+
+    def _chat_result(self, result: SearchResult) -> ChatResult:
         info = generation_info(result)
         message = AIMessage(
             content=result.text,
-            usage_metadata=_usage(result),
-            response_metadata={"model_name": self.model_name, "finish_reason": result.finish_reason, **info},
+            usage_metadata=self._usage(result),
+            response_metadata={"model_name": self._model_name, "finish_reason": result.finish_reason, **info},
         )
         return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
-
-    async def _agenerate(
-        self, messages: list[BaseMessage], stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
-    ) -> ChatResult:
-        """`_generate` in a worker thread; cancelling the caller stops the search."""
-        return await in_thread(self._generate, messages, stop, run_manager.get_sync() if run_manager else None, **kwargs)
 
     def _stream(
         self, messages: list[BaseMessage], stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> Iterator[ChatGenerationChunk]:
         """Search progress goes to the callbacks as "w2s_progress" custom events;
         then the answer comes in pieces of a few words, the last one carrying the
-        usage and the search's report."""
-        result = self._search(to_conversation(messages), stop, run_manager, kwargs)
-        for chunk in self._chunks(result):
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
-
-    async def _astream(
-        self, messages: list[BaseMessage], stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        sync_manager = run_manager.get_sync() if run_manager else None
-        result = await in_thread(self._search, to_conversation(messages), stop, sync_manager, kwargs)
-        for chunk in self._chunks(result):
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        usage and the search's report (langchain-core sends them to the callbacks)."""
+        run = run_manager or _stream_run.get()
+        _stream_run.set(None)  # taken: no later call may report to this run
+        yield from self._chunks(self._search_for_run(to_conversation(messages), stop, run, kwargs))
 
     def _chunks(self, result: SearchResult) -> list[ChatGenerationChunk]:
-        pieces = answer_pieces(result.text)
+        """The answer in pieces of a few words; the last carries the usage and the search's report."""
         chunks = []
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
+        for piece in stream_pieces(result):
             message = AIMessageChunk(
-                content=piece,
-                usage_metadata=_usage(result) if last else None,
-                response_metadata={"model_name": self.model_name, "finish_reason": result.finish_reason} if last else {},
-                chunk_position="last" if last else None,
+                content=piece.text,
+                usage_metadata=self._usage(result) if piece.last else None,
+                response_metadata={"model_name": self._model_name, "finish_reason": result.finish_reason} if piece.last else {},
+                chunk_position="last" if piece.last else None,
             )
-            chunks.append(ChatGenerationChunk(message=message, generation_info=generation_info(result) if last else None))
+            chunks.append(ChatGenerationChunk(message=message, generation_info=piece.report))
         return chunks

@@ -5,48 +5,51 @@
     w2s-align "The film was" --tree tree.html
 
 Settings come from a preset (a JSON file: `--preset PATH`, or a packaged name),
-then from the flags. Everything is checked before any model loads.
+then from the flags. Everything is checked before any model loads, the `--tree`
+file's directory included.
+
+Exit codes: 0 answered; 1 no answer (a bad setting, prompt or preset, a model that
+is unknown, not pulled, damaged or refused, a search error or timeout); 2 bad
+command-line usage; 3 answered, but the tree file could not be written; 130
+interrupted (Ctrl-C). With `--json`, a failure prints a JSON object too:
+{"error": {"type": ..., "message": ..., "exit_code": ...}} (with exit code 3, the
+result's object carries it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Literal, get_origin
 
-from .aligner import DEFAULT_PRESET, Aligner, load_preset, preset_names
+from .aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
+from .declared_settings import declared_settings
 from .errors import W2SError
-from .search import STRATEGIES, SearchResult
+from .progress import ProgressBar
+from .search import SearchResult, SearchSettings
+from .treeview import tree_to_html
 
-# Search flags: (flag, settings field, type, help).
-_SEARCH_FLAGS = [
-    ("--strategy", "strategy", str, f"one of {', '.join(STRATEGIES)}"),
-    ("--iterations", "iterations", int, "m: MCTS iterations (w2s)"),
-    ("--token-budget", "token_budget", int, "stop w2s once the strong model sampled this many tokens"),
-    ("--children", "children", int, "K: children per expansion (w2s), chunks per beam (cbs)"),
-    ("--chunk-tokens", "chunk_tokens", int, "L: tokens per chunk (w2s, cbs)"),
-    ("--samples", "samples", int, "N: samples (bon)"),
-    ("--beam-width", "beam_width", int, "W: beams (cbs)"),
-    ("--selection", "selection", str, "ea-puct (the paper's), puct or uct"),
-    ("--c", "c", float, "exploration constant"),
-    ("--entropy-weight", "entropy_weight", float, "w of EA-PUCT (0: plain PUCT)"),
-    ("--num-select", "num_select", int, "stage-2 candidates"),
-    ("--max-new-tokens", "max_new_tokens", int, "most answer tokens"),
-    ("--temperature", "temperature", float, "sampling temperature (0: greedy)"),
-    ("--top-k", "top_k", int, "top-k (0: off)"),
-    ("--top-p", "top_p", float, "top-p in (0, 1]"),
-    ("--seed", "seed", int, "same seed, same answer"),
-    ("--beta", "beta", float, "scale of the proxy value"),
-    ("--backup", "backup", str, "max (paper) or mean"),
-    ("--terminal-reward", "terminal_reward", str, "-inf (quirk) or eos"),
-    ("--fallback", "fallback", str, "truncate or finish"),
-    ("--timeout", "timeout", float, "seconds the search may run"),
-]
+# The settings that get a flag each, by the config section they override (as in a preset).
+_SETTINGS = {"search": SearchSettings, "runtime": Runtime}
+
+
+EXIT_NO_ANSWER, EXIT_USAGE, EXIT_TREE_NOT_WRITTEN, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses (reported by `main`, as JSON when asked)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print and exit; main reports it
+        raise _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="w2s-align", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("prompt", help="the text to answer or continue")
@@ -54,58 +57,126 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strong", help="strong model: registry name or .gguf path")
     parser.add_argument("--weak", help="weak aligned model")
     parser.add_argument("--weak-ref", help="weak reference model")
-    for flag, _, kind, text in _SEARCH_FLAGS:
-        parser.add_argument(flag, type=kind, help=text)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
-    parser.add_argument("--partial-answer", action="store_true", help="on timeout, print the best answer found so far")
-    parser.add_argument("--naive", action="store_true", help="re-read every prefix (to measure the cache)")
-    parser.add_argument("--n-ctx", type=int, help="KV cells per model")
-    parser.add_argument("--n-threads", type=int, help="CPU threads")
-    parser.add_argument("--n-gpu-layers", type=int, help="layers offloaded to the GPU (-1: all)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--tree", type=Path, help="write the search tree: .json for data, else an HTML view")
+    for section, declaration in _SETTINGS.items():
+        add_setting_flags(parser.add_argument_group(f"{section} settings (the preset's, unless given)"), declaration)
     return parser
+
+
+def add_setting_flags(parser: argparse._ActionsContainer, declaration: type) -> None:
+    """A flag for each setting the dataclass declares (`chunk_tokens` is
+    --chunk-tokens), its help the setting's docstring. A flag not given is None:
+    the preset's value holds. Values are checked by the dataclass, as a preset's
+    are: a bad one is exit code 1 with the dataclass's message, like a bad preset."""
+    for setting in declared_settings(declaration):
+        flag = "--" + setting.name.replace("_", "-")
+        text = " ".join(setting.doc.split()).replace("%", "%%")  # argparse formats help with %
+        kind = _value_type(setting.options)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif kind is tuple:
+            parser.add_argument(flag, action="append", help=f"{text} Repeatable.")
+        else:
+            parser.add_argument(flag, type=kind, help=text)
+
+
+def _value_type(options: tuple) -> type:
+    """What a flag's text becomes: the first of bool, int, float, str a setting's
+    type allows (a Literal's name, or a selection rule's, is a str); tuple for a
+    tuple of strings, given by repeating the flag."""
+    for option in options:
+        if option in (bool, int, float, str):
+            return option
+        if get_origin(option) is Literal:
+            return str
+        if get_origin(option) is tuple:
+            return tuple
+    raise TypeError(f"no command-line form for a setting of type {options}")
 
 
 def config_from_args(args: argparse.Namespace):
     if not args.prompt.strip():
         raise ValueError("the prompt is empty: give the text to answer or continue")
-    search = {field: getattr(args, field) for _, field, _, _ in _SEARCH_FLAGS}
-    search["stop"] = tuple(args.stop) if args.stop else None
-    search["naive"] = True if args.naive else None
-    search["partial_answer"] = True if args.partial_answer else None
     return load_preset(args.preset).with_overrides(
         models={"strong": args.strong, "weak": args.weak, "weak_ref": args.weak_ref},
-        search=search,
-        runtime={"n_ctx": args.n_ctx, "n_threads": args.n_threads, "n_gpu_layers": args.n_gpu_layers},
+        **{
+            section: {s.name: getattr(args, s.name) for s in declared_settings(declaration)}
+            for section, declaration in _SETTINGS.items()
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv  # known even when the rest of the command line is wrong
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        if not as_json:
+            parser.print_usage(sys.stderr)
+        return _report(err, EXIT_USAGE, as_json)
     try:
         config = config_from_args(args)
-        progress = _ProgressBar() if sys.stderr.isatty() else None
-        result = Aligner(config).search(args.prompt, progress=progress)
-        if progress:
+        if args.tree:
+            check_writable(args.tree)
+        progress = ProgressBar(leave=False)  # the answer replaces it
+        try:
+            result = Aligner(config).search(args.prompt, progress=progress)
+        finally:
             progress.close()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except (W2SError, ValueError, FileNotFoundError) as err:
-        print(f"w2s-align: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt as err:
+        return _report(err, EXIT_INTERRUPTED, as_json)
+    except (W2SError, ValueError, OSError) as err:
+        return _report(err, EXIT_NO_ANSWER, as_json)
+    tree_error = None
     if args.tree:
-        args.tree.write_text(
-            json.dumps(result.tree_dict(), indent=1) if args.tree.suffix == ".json" else result.tree_html(),
-            encoding="utf-8",
-        )
+        try:
+            args.tree.write_text(
+                json.dumps(result.tree_dict(), indent=1) if args.tree.suffix == ".json" else tree_to_html(result.tree_dict()),
+                encoding="utf-8",
+            )
+        except OSError as err:  # a disk that filled up during the search: the answer still counts
+            tree_error = OSError(f"the tree was not written to {args.tree}: {err.strerror or err}")
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        data = result.to_dict()
+        if tree_error:
+            data["error"] = _error_dict(tree_error, EXIT_TREE_NOT_WRITTEN)
+        print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(args.prompt + result.text)
         print(summary(result), file=sys.stderr)
-    return 0
+        if tree_error:
+            _report(tree_error, EXIT_TREE_NOT_WRITTEN, as_json=False)
+    return EXIT_TREE_NOT_WRITTEN if tree_error else 0
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be written, before the work that fills it."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--tree {path} is a directory: give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--tree {path}: there is no directory {folder}")
+    if not os.access(folder if not path.exists() else path, os.W_OK):
+        raise PermissionError(f"--tree {path}: not allowed to write there")
+
+
+def _error_dict(err: BaseException, code: int) -> dict:
+    message = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+    return {"type": type(err).__name__, "message": message, "exit_code": code}
+
+
+def _report(err: BaseException, code: int, as_json: bool) -> int:
+    """Say why the command failed (on stdout as JSON with --json, else on stderr); return `code`."""
+    if as_json:
+        print(json.dumps({"error": _error_dict(err, code)}, ensure_ascii=False))
+    elif isinstance(err, KeyboardInterrupt):
+        print("\ninterrupted", file=sys.stderr)
+    else:
+        print(f"w2s-align: error: {err}", file=sys.stderr)
+    return code
 
 
 def summary(result: SearchResult) -> str:
@@ -128,21 +199,6 @@ def summary(result: SearchResult) -> str:
         f"{c.tokens_from_cache} tokens came from the KV cache; {c.decode_calls} llama_decode calls. "
         f"Answer: {how} (value {value}, ended by {result.finish_reason or 'nothing'}).]"
     )
-
-
-class _ProgressBar:
-    """A one-line bar on stderr, redrawn in place."""
-
-    def __init__(self, width: int = 30):
-        self.width = width
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        filled = int(self.width * min(done, total) / max(total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {what}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\r" + " " * (self.width + 40) + "\r")
 
 
 if __name__ == "__main__":

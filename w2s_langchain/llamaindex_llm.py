@@ -11,13 +11,16 @@ and their contexts are shared with them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
     CompletionResponse,
+    CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
@@ -26,10 +29,10 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import ConfigDict
 
-from .aligned_settings import AlignedModelSettings, answer_pieces, generation_info, in_thread
-from .engine import load_model
+from .aligned_search import AlignedSearch, generation_info, in_thread, stream_pieces
 from .prompts import Message
 
+_Response = TypeVar("_Response", CompletionResponse, ChatResponse)
 _ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
 
 
@@ -42,7 +45,7 @@ def to_conversation(messages: Sequence[ChatMessage]) -> list[Message]:
     return conversation
 
 
-class W2SAlignedLlamaIndexLLM(AlignedModelSettings, CustomLLM):
+class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
     """A strong local GGUF model whose answers two weak GGUF models steer."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True)
@@ -52,49 +55,55 @@ class W2SAlignedLlamaIndexLLM(AlignedModelSettings, CustomLLM):
         """With the strong model's real context window (loads the model if no n_ctx is set)."""
         config = self._config
         runtime = config.runtime
-        n_ctx = runtime.n_ctx or runtime.context_size(load_model(config.strong.model, runtime.load_settings()))
+        n_ctx = runtime.n_ctx or runtime.context_size(self._strong_model())
         return LLMMetadata(
             context_window=n_ctx,
             num_output=config.search.max_new_tokens,
             is_chat_model=config.strong.prompt.format == "chat",
-            model_name=self.model_name,
+            model_name=self._model_name,
         )
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        result = self._search(prompt, None, None, kwargs)
+        result = self._search(prompt, None, kwargs)
         return CompletionResponse(text=result.text, raw=generation_info(result))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        result = self._search(prompt, None, None, kwargs)
-
-        def pieces():
-            text = ""
-            for piece in answer_pieces(result.text):
-                text += piece
-                yield CompletionResponse(text=text, delta=piece)
-
-        return pieces()
+        pieces = stream_pieces(self._search(prompt, None, kwargs))
+        return (CompletionResponse(text=piece.answer_so_far, delta=piece.text) for piece in pieces)
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        result = self._search(to_conversation(messages), None, None, kwargs)
+        result = self._search(to_conversation(messages), None, kwargs)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=generation_info(result))
 
-    # The search is CPU-bound: the async methods run it in a thread so the event
-    # loop keeps going, and cancelling the caller stops it.
+    # LlamaIndex's default stream_chat flattens the conversation into one
+    # completion prompt; this keeps its roles for the chat templates, as `chat` does.
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        pieces = stream_pieces(self._search(to_conversation(messages), None, kwargs))
+        return (
+            ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=p.answer_so_far), delta=p.text, raw=p.report)
+            for p in pieces
+        )
+
+    # The search is CPU-bound: each async method runs its sync twin in a worker
+    # thread, so the event loop goes on, and cancelling the caller stops the search.
+
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         return await in_thread(self.complete, prompt, formatted, **kwargs)
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return await in_thread(self.chat, messages, **kwargs)
 
-    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any):
-        responses = await in_thread(lambda: list(self.stream_complete(prompt, formatted, **kwargs)))
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        return _replay(await in_thread(lambda: list(self.stream_complete(prompt, formatted, **kwargs))))
 
-        async def replay():
-            for response in responses:
-                yield response
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return _replay(await in_thread(lambda: list(self.stream_chat(messages, **kwargs))))
 
-        return replay()
+
+async def _replay(responses: Iterable[_Response]) -> AsyncIterator[_Response]:
+    for response in responses:
+        yield response

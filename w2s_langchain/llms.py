@@ -8,15 +8,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from .aligned_settings import LangChainAligned, answer_pieces, generation_info, in_thread
+from .aligned_search import generation_info, shared_aligner, stream_pieces
+from .aligned_settings import search_overrides
+from .langchain_aligned import LangChainAligned
 from .search import SearchResult
 
 
@@ -30,24 +32,52 @@ class W2SAlignedLLM(LangChainAligned, LLM):
     def _llm_type(self) -> str:
         return "w2s-aligned"
 
+    def generate(self, prompts: list[str], stop=None, callbacks=None, **kwargs: Any) -> LLMResult:
+        llm, kwargs = self._with_call_settings(kwargs)
+        return super(W2SAlignedLLM, llm).generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(self, prompts: list[str], stop=None, callbacks=None, **kwargs: Any) -> LLMResult:
+        llm, kwargs = self._with_call_settings(kwargs)
+        return await super(W2SAlignedLLM, llm).agenerate(prompts, stop, callbacks, **kwargs)
+
+    def _with_call_settings(self, kwargs: dict[str, Any]) -> tuple[W2SAlignedLLM, dict[str, Any]]:
+        """A call's search settings (`invoke(p, iterations=5)`, `.bind(...)`) as the
+        fields of a copy of this LLM, and the call's other keywords (tags, metadata,
+        run_name, run_id). langchain-core keys its LLM cache on an LLM's fields and
+        `stop` only, so a copy that holds them is cached and looked up under its own
+        settings, and tracing shows them."""
+        settings = {k: v for k, v in kwargs.items() if k not in _GENERATE_KEYWORDS}
+        if not settings:
+            return self, kwargs
+        overrides = search_overrides(settings)
+        self._config.search.with_(**overrides)  # checks names and values before anything runs
+        # The copy shares this LLM's models, which outlive it.
+        self._aligner = shared_aligner(self._config)
+        copy = self.model_copy(update=overrides)
+        return copy, {k: v for k, v in kwargs.items() if k in _GENERATE_KEYWORDS}
+
     def _call(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any) -> str:
-        return self._search(prompt, stop, run_manager, kwargs).text
+        return self._search_for_run(prompt, stop, run_manager, kwargs).text
 
     def _generate(self, prompts: list[str], stop=None, run_manager=None, **kwargs: Any) -> LLMResult:
-        generations, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        results = []
         for prompt in prompts:
-            result = self._search(prompt, stop, run_manager, kwargs)
-            generations.append([Generation(text=result.text, generation_info=generation_info(result))])
-            usage["prompt_tokens"] += result.cost.prompt_tokens
-            usage["completion_tokens"] += result.cost.strong_tokens_sampled
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": self.model_name})
+            results.append(self._search_for_run(prompt, stop, run_manager, kwargs))
+            if self.streaming and run_manager:  # as LangChain's LlamaCpp does: the callbacks get the pieces
+                for chunk in _chunks(results[-1]):
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        return self._llm_result(results)
 
-    async def _agenerate(
-        self, prompts: list[str], stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
-    ) -> LLMResult:
-        """`_generate` in a worker thread; cancelling the caller stops the search."""
-        return await in_thread(self._generate, prompts, stop, run_manager.get_sync() if run_manager else None, **kwargs)
+    def _llm_result(self, results: list[SearchResult]) -> LLMResult:
+        """The answers, each with the search's report; `token_usage` counts prompt and
+        answer tokens (what each search sampled is in its `generation_info["cost"]`)."""
+        usage = {
+            "prompt_tokens": sum(r.cost.prompt_tokens for r in results),
+            "completion_tokens": sum(r.cost.answer_tokens for r in results),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        generations = [[Generation(text=r.text, generation_info=generation_info(r))] for r in results]
+        return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": self._model_name})
 
     def _stream(
         self, prompt: str, stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
@@ -55,24 +85,17 @@ class W2SAlignedLLM(LangChainAligned, LLM):
         """The search has to finish before the answer is known; while it runs,
         progress goes to the callbacks as "w2s_progress" custom events. Then the
         answer comes in pieces of a few words."""
-        result = self._search(prompt, stop, run_manager, kwargs)
+        result = self._search_for_run(prompt, stop, run_manager, kwargs)
         for chunk in _chunks(result):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
-    async def _astream(
-        self, prompt: str, stop=None, run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
-    ) -> AsyncIterator[GenerationChunk]:
-        result = await in_thread(self._search, prompt, stop, run_manager.get_sync() if run_manager else None, kwargs)
-        for chunk in _chunks(result):
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+
+# The keywords of BaseLLM.generate that are not search settings.
+_GENERATE_KEYWORDS = ("tags", "metadata", "run_name", "run_id")
 
 
 def _chunks(result: SearchResult) -> list[GenerationChunk]:
     """The answer in pieces of a few words; the last carries the search's report."""
-    pieces = answer_pieces(result.text)
-    last = len(pieces) - 1
-    return [GenerationChunk(text=p, generation_info=generation_info(result) if i == last else None) for i, p in enumerate(pieces)]
+    return [GenerationChunk(text=piece.text, generation_info=piece.report) for piece in stream_pieces(result)]

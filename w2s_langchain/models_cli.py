@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TextIO
 
 from w2s_langchain.errors import W2SError
+from w2s_langchain.progress import ProgressBar
 from w2s_langchain.registry import (
     MEGABYTE,
     ModelEntry,
@@ -27,9 +27,6 @@ from w2s_langchain.registry import (
     pulled_path,
     resolve_model,
 )
-
-# Without a terminal, report progress only at these steps (percent).
-_LOG_STEP_PERCENT = 25
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,7 +105,11 @@ def _run_pull(args: argparse.Namespace, registry: Mapping[str, ModelEntry]) -> i
     entries = [lookup_model(name, registry) for name in args.names]
     for entry in entries:
         already_there = pulled_path(entry).exists()
-        path = pull(entry.name, registry=registry, progress=_ProgressLine(entry.name, sys.stderr))
+        progress = ProgressBar(desc=f"{entry.name}: joining", unit="B", unit_scale=True)
+        try:
+            path = pull(entry.name, registry=registry, progress=progress)
+        finally:
+            progress.close()
         if already_there:
             print(f"{entry.name}: already pulled, sha256 verified", file=sys.stderr)
         else:
@@ -117,32 +118,6 @@ def _run_pull(args: argparse.Namespace, registry: Mapping[str, ModelEntry]) -> i
             print(f"{entry.name}: note: provenance {entry.provenance}", file=sys.stderr)
         print(path)
     return 0
-
-
-class _ProgressLine:
-    """Shows how much of a model has been joined: one rewritten line on a terminal,
-    a line every few percent otherwise (logs should not fill with carriage returns)."""
-
-    def __init__(self, name: str, stream: TextIO) -> None:
-        self._name = name
-        self._stream = stream
-        self._on_terminal = stream.isatty()
-        self._last_percent = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        percent = 100 * done // total if total else 100
-        step = 1 if self._on_terminal else _LOG_STEP_PERCENT
-        if percent // step == self._last_percent // step:
-            return
-        self._last_percent = percent
-        text = f"{self._name}: joined {done / MEGABYTE:.1f} of {total / MEGABYTE:.1f} MB"
-        text += f" ({percent}%)"
-        if self._on_terminal:
-            end = "\n" if done >= total else ""
-            self._stream.write(f"\r{text}{end}")
-        else:
-            self._stream.write(f"{text}\n")
-        self._stream.flush()
 
 
 # --- path ----------------------------------------------------------------------

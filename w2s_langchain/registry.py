@@ -215,25 +215,33 @@ def resolve_model(
 ) -> Path:
     """The GGUF file meant by a registry name or a path to a file.
 
+    One rule tells them apart, whatever files exist: a path has a "/" in it or ends
+    in ".gguf" (or is a Path object); anything else is a registry name. So a file in
+    the working directory that happens to be called like a registry model never
+    stands in for it (write ./NAME to mean the file).
+
     A registry name's file must match the registry's size and sha256, else
     ChecksumMismatchError: it is hashed the first time, then trusted while its size
     and mtime stay the same. A path is taken as given.
     """
     text = os.fspath(name_or_path)
+    if not _looks_like_path(name_or_path):
+        registry = load_registry() if registry is None else registry
+        if text in registry:
+            return _pulled_file(registry[text], models_dir)
+        raise _unknown_model(
+            text, registry, hint=' A path to a .gguf file works too (a path has a "/" or the .gguf suffix: ./NAME).'
+        )
     candidate = Path(text).expanduser().absolute()
     if candidate.is_file():
         return candidate
-    registry = load_registry() if registry is None else registry
-    if text in registry:
-        return _pulled_file(registry[text], models_dir)
     if candidate.is_dir():
         raise IsADirectoryError(f"{candidate} is a directory; give the path of a .gguf file")
-    if _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"no such model file: {candidate}")
-    raise _unknown_model(text, registry, hint=" A path to a .gguf file works too.")
+    raise FileNotFoundError(f"no such model file: {candidate}")
 
 
 def _looks_like_path(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether a model is named by path (else by registry name): see `resolve_model`."""
     if not isinstance(name_or_path, str):
         return True  # a Path object is a path whatever it holds
     separators = {"/", os.sep, os.altsep} - {None}
@@ -308,8 +316,10 @@ def _read_record(directory: Path) -> dict[str, Any]:
     try:
         with open(directory / VERIFIED_RECORD, encoding="utf-8") as record_file:
             files = json.load(record_file)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}  # no record, or a damaged one: the files are only hashed again
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        # No record, or a damaged one (RecursionError: nested too deeply for the json
+        # parser): the files are only hashed again, and the record written anew.
+        return {}
     return files if isinstance(files, dict) else {}
 
 

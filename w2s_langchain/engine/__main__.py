@@ -14,6 +14,7 @@ import sys
 import time
 
 from ..errors import W2SError
+from ..registry import resolve_model
 from .context import Context
 from .model import LoadSettings, load_model
 from .sampling import SamplingSettings, warp
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prompt.strip():
             raise ValueError("the prompt is empty: give some text to continue")
         sampling = SamplingSettings(args.temperature, args.top_k, args.top_p)
-        model = load_model(args.model, LoadSettings(n_gpu_layers=args.n_gpu_layers))
+        model = load_model(resolve_model(args.model), LoadSettings(n_gpu_layers=args.n_gpu_layers))
         context = Context(model, n_ctx=args.n_ctx, n_threads=args.n_threads, seed=args.seed)
         stream_sample(context, args.prompt, sampling, args.max_new_tokens)
     except (W2SError, ValueError, FileNotFoundError) as err:

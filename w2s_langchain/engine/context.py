@@ -20,18 +20,23 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 
 from ..errors import ContextCreationError, ContextFullError, ContextOverflowError, DecodeError
-from .model import Model
+from .model import Model, interrupts_deferred
 from .sampling import log_softmax_at
 
 _DECODE_NO_KV_SLOT = 1
 # llama.cpp's hard limit on threads (GGML_MAX_N_THREADS).
 _MAX_THREADS = 512
+# With an `interrupt` set, most tokens one llama_decode reads: a long prompt is
+# decoded in pieces this size, so a timeout or cancel is seen within one piece
+# instead of after the seconds a whole prompt takes on a small CPU.
+_INTERRUPTIBLE_PIECE = 32
 
 
 class Branch:
@@ -96,16 +101,23 @@ class ContextStats:
     """Tokens an operation needed that were already in the KV cache."""
     evictions: int = 0
     """Branches evicted to free a sequence id or KV cells."""
+    evictions_for_cells: int = 0
+    """Those evicted because the KV cache was full: a sign that n_ctx is too small."""
     decode_seconds: float = 0.0
     """Wall time spent inside llama_decode: the floor under anything built on it."""
+
+
+def default_n_ctx(model: Model) -> int:
+    """The KV cells a context gets when no n_ctx is given: the model's training
+    context, at most 4096 (enough for a search's branches at these models' sizes)."""
+    return min(model.n_ctx_train, 4096)
 
 
 class Context:
     """Many branches of text over one loaded model, sharing a unified KV cache.
 
     Settings (llama.cpp's names): `n_ctx` KV cells for all branches together
-    (default min(2048, training context); llama.cpp rounds it up to a multiple
-    of 256), `n_batch` most tokens per llama_decode (default min(512, n_ctx)),
+    (default `default_n_ctx`; llama.cpp rounds it up to a multiple of 256), `n_batch` most tokens per llama_decode (default min(512, n_ctx)),
     `n_threads` (default half the CPUs), `n_seq_max` branches resident at once
     (more are evicted and rebuilt on use), `flash_attn`, and `seed` for `rng`,
     the generator the caller samples with.
@@ -130,7 +142,7 @@ class Context:
         seed: int | None = None,
     ):
         n_threads = n_threads if n_threads is not None else max(1, (os.cpu_count() or 2) // 2)
-        n_ctx = n_ctx if n_ctx is not None else min(2048, model.n_ctx_train)
+        n_ctx = n_ctx if n_ctx is not None else default_n_ctx(model)
         _check_int_range("n_ctx", n_ctx, 16, model.n_ctx_train, "the model's training context")
         n_batch = n_batch if n_batch is not None else min(512, n_ctx)
         _check_int_range("n_batch", n_batch, 1, n_ctx, "n_ctx")
@@ -155,16 +167,17 @@ class Context:
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         params.no_perf = True
-        handle = llama_cpp.llama_init_from_model(model.handle, params)
-        if not handle:
-            raise ContextCreationError(
-                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
-                "probably not enough memory; lower n_ctx or n_batch."
-            )
-        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        # The finalizer holds the model, so the model outlives the context even when the
-        # garbage collector frees both in one pass (llama.cpp reads it in llama_free).
-        self._finalizer = weakref.finalize(self, _free_context, handle, batch, model)
+        with interrupts_deferred():  # llama.cpp logs here: see interrupts_deferred
+            handle = llama_cpp.llama_init_from_model(model.handle, params)
+            if not handle:
+                raise ContextCreationError(
+                    f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
+                    "probably not enough memory; lower n_ctx or n_batch."
+                )
+            batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+            # The finalizer holds the model, so the model outlives the context even when the
+            # garbage collector frees both in one pass (llama.cpp reads it in llama_free).
+            self._finalizer = weakref.finalize(self, _free_context, handle, batch, model)
 
         self.model = model
         self.n_ctx = llama_cpp.llama_n_ctx(handle)
@@ -186,6 +199,10 @@ class Context:
         self._resident: dict[int, Branch] = {}
         self._clock = 0
         self._lock = threading.RLock()
+        self.interrupt: Callable[[], None] | None = None
+        """Called before each llama_decode, which then reads at most
+        _INTERRUPTIBLE_PIECE tokens; raising stops the operation (its branches
+        are left as they were). A search sets it to its timeout and cancel check."""
 
     def __repr__(self) -> str:
         return f"Context({self.model!r}, n_ctx={self.n_ctx}, resident={len(self._resident)}/{self.n_seq_max})"
@@ -306,9 +323,12 @@ class Context:
             self._prepare(job, protected)
         entries = [(j, pos) for j, job in enumerate(jobs) for pos in range(job.start, len(job.tokens))]
         results: list[list] = [[] for _ in jobs]
+        piece = self.n_batch if self.interrupt is None else min(self.n_batch, _INTERRUPTIBLE_PIECE)
         try:
-            for lo in range(0, len(entries), self.n_batch):
-                self._decode_chunk(jobs, entries[lo : lo + self.n_batch], results, protected)
+            for lo in range(0, len(entries), piece):
+                if self.interrupt is not None:
+                    self.interrupt()
+                self._decode_chunk(jobs, entries[lo : lo + piece], results, protected)
         except BaseException:
             # Earlier chunks may have landed: cut every branch back to what
             # it held before, so its tokens and its cells agree again.
@@ -356,6 +376,7 @@ class Context:
             if status == 0:
                 break
             if status == _DECODE_NO_KV_SLOT and self._evict_one(protected):
+                self.stats.evictions_for_cells += 1
                 continue
             if status == _DECODE_NO_KV_SLOT:
                 raise ContextFullError(

@@ -9,13 +9,16 @@ last holder lets go.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import functools
 import logging
 import os
+import signal
 import struct
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,7 +27,6 @@ import llama_cpp
 import numpy as np
 
 from ..errors import ModelLoadError
-from ..registry import resolve_model
 
 # --- llama.cpp's log ----------------------------------------------------------------
 # llama.cpp reports why a load failed only in its log, so we keep the last lines
@@ -64,6 +66,36 @@ def _log_tail(n: int = 4) -> str:
     return " | ".join(lines)
 
 
+# --- Ctrl-C while llama.cpp works ---------------------------------------------------
+# Python runs a signal handler between two bytecodes of the main thread. While
+# llama.cpp loads a model or creates a context, the only Python code that runs is
+# the log callback above, so Ctrl-C raised its KeyboardInterrupt inside a ctypes
+# callback, where ctypes prints it ("Exception ignored on calling ctypes callback
+# function") and drops it: the load, and then the whole search, went on. So around
+# those calls Ctrl-C is only recorded, a model load is asked to stop (its progress
+# callback says so), and the interrupt is delivered when llama.cpp has returned.
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[Callable[[], bool]]:
+    """Within the block, SIGINT only sets a flag (the callable it yields reads it);
+    the signal's own handler runs when the block ends (KeyboardInterrupt, by default),
+    in place of whatever the block raised. Only in the main thread, where Python
+    runs signal handlers, and only over a Python handler (not SIG_IGN or SIG_DFL)."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield lambda: False
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            previous(*received[0])
+
+
 # --- loading ----------------------------------------------------------------------
 
 
@@ -79,10 +111,9 @@ class LoadSettings:
     """Ask the OS to keep the weights in RAM (never swapped out)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_gpu_layers, int) or self.n_gpu_layers < -1:
-            raise ValueError(
-                f"n_gpu_layers must be an integer >= -1 (-1 = all layers), got {self.n_gpu_layers!r}"
-            )
+        n = self.n_gpu_layers
+        if isinstance(n, bool) or not isinstance(n, int) or not -1 <= n < 2**31:  # llama.cpp's int32
+            raise ValueError(f"n_gpu_layers must be an integer >= -1 (-1 = all layers), got {n!r}")
 
     def load_mode(self) -> int:
         if self.use_mmap and self.use_mlock:
@@ -99,10 +130,11 @@ _loaded: weakref.WeakValueDictionary[tuple[str, LoadSettings], Model] = weakref.
 _loaded_lock = threading.Lock()
 
 
-def load_model(name_or_path: str | Path, settings: LoadSettings | None = None) -> Model:
-    """The loaded model for a registry name or a GGUF path, shared process-wide."""
+def load_model(path: str | os.PathLike[str], settings: LoadSettings | None = None) -> Model:
+    """The loaded model of the GGUF file at `path`, shared process-wide. Registry
+    names are resolved above the engine (`w2s_langchain.aligner.load_named_model`)."""
     settings = settings or LoadSettings()
-    path = resolve_model(name_or_path).resolve()
+    path = Path(path).expanduser().resolve()
     key = (str(path), settings)
     with _loaded_lock:
         model = _loaded.get(key)
@@ -250,14 +282,19 @@ class Model:
         params.n_gpu_layers = settings.n_gpu_layers
         params.load_mode = settings.load_mode()
         _recent_log_lines.clear()
-        handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not handle:
-            raise ModelLoadError(
-                f"llama.cpp could not load {path}: the file may be truncated, corrupt or of an "
-                f"unsupported architecture. llama.cpp said: {_log_tail() or 'nothing'}"
-            )
-        # Registered before any further check, so a refused model is freed too.
-        self._finalizer = weakref.finalize(self, llama_cpp.llama_model_free, handle)
+        with interrupts_deferred() as interrupted:
+            # Returning False stops the load (and it returns NULL) once Ctrl-C was pressed.
+            keep_loading = llama_cpp.llama_progress_callback(lambda progress, user_data: not interrupted())
+            params.progress_callback = keep_loading
+            handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+            if not handle:
+                raise ModelLoadError(
+                    f"llama.cpp could not load {path}: the file may be truncated, corrupt or of an "
+                    f"unsupported architecture. llama.cpp said: {_log_tail() or 'nothing'}"
+                )
+            # Registered before any further check (or a deferred Ctrl-C), so a refused
+            # or abandoned model is freed too.
+            self._finalizer = weakref.finalize(self, llama_cpp.llama_model_free, handle)
         self.handle = handle
         self.path = path
         self.settings = settings

@@ -3,13 +3,12 @@
 
 from .proxy import Proxy, ProxyState, WeakScorer
 from .result import SearchCost, SearchResult
-from .settings import STRATEGIES, SearchSettings
+from .settings import SearchSettings
 from .strategies import SearchModels, search
 from .strong import Chunk, StrongModel
 from .tree import Node
 
 __all__ = [
-    "STRATEGIES",
     "Chunk",
     "Node",
     "Proxy",

@@ -10,7 +10,6 @@ from typing import Any
 
 from ..prompts import Prompt
 from .tree import Node
-from .treeview import tree_to_html
 
 
 @dataclass
@@ -76,7 +75,7 @@ class SearchResult:
         return data
 
     def tree_dict(self) -> dict[str, Any]:
-        """The tree as plain data (see treeview.py for the schema)."""
+        """The tree as plain data, the schema `w2s_langchain.treeview.tree_to_html` draws."""
         prompt = self.prompt if isinstance(self.prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
         if self.tree is None:
             return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": []}
@@ -102,10 +101,6 @@ class SearchResult:
                 }
             )
         return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": nodes}
-
-    def tree_html(self) -> str:
-        """A self-contained HTML page drawing the tree."""
-        return tree_to_html(self.tree_dict())
 
 
 def _finite_or_none(x: float | None) -> float | None:

@@ -1,24 +1,36 @@
-"""Every setting of a search, checked when it is made (before any model loads)."""
+"""Every setting of a search, checked when it is made (before any model loads).
+
+`SearchSettings` is the one declaration of the search settings: the components'
+fields, the `w2s-align` flags and their help, and a preset's "search" keys are all
+read from it (see declared_settings.py)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
+from ..declared_settings import declared_settings
 from ..engine import SamplingSettings
 from ..prompts import check_encodable
 from .tree import SELECTIONS, SelectionRule
 
-STRATEGIES = ("w2s", "bon", "cbs", "base")
+# The names a string setting accepts. Each table that runs a choice (SELECTIONS and
+# BACKUPS in tree.py, the strategies in strategies.py) is keyed by exactly these;
+# tests/test_settings_declared_once.py checks it.
+Strategy = Literal["w2s", "bon", "cbs", "base"]
+SelectionName = Literal["ea-puct", "puct", "uct"]
+Backup = Literal["max", "mean"]
+TerminalReward = Literal["-inf", "eos"]
+Fallback = Literal["truncate", "finish"]
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     """How to search. Defaults are the W2S-AlignTree reference code's generic
-    decoder settings (SPEC.md); the switches marked "quirk" keep its behaviour."""
+    decoder settings (docs/algorithm.md); the switches marked "quirk" keep its behaviour."""
 
-    strategy: str = "w2s"
+    strategy: Strategy = "w2s"
     """"w2s" (W2S-AlignTree), "bon" (Best-of-N), "cbs" (chunk-level beam search), "base" (plain sampling)."""
     iterations: int = 100
     """m: MCTS iterations (w2s)."""
@@ -26,7 +38,7 @@ class SearchSettings:
     """K: children per expansion (w2s), chunks per beam (cbs)."""
     chunk_tokens: int = 5
     """L: strong tokens per chunk (w2s, cbs)."""
-    selection: str | SelectionRule = "ea-puct"
+    selection: SelectionName | SelectionRule = "ea-puct"
     """How selection scores a child (w2s): "ea-puct" (the paper's Entropy-Aware
     PUCT), "puct" (no entropy term) or "uct" (no prior, the paper's ablation); or
     your own function rule(child, parent, c, w) -> float (see search/tree.py)."""
@@ -50,21 +62,24 @@ class SearchSettings:
     stop: tuple[str, ...] = ()
     """Strings that end the answer (not included in it)."""
     temperature: float = 0.7
+    """Sampling temperature of the strong model; 0 is greedy."""
     top_k: int = 50
+    """Sample among the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
+    """Sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 keeps all."""
     seed: int = 0
     """Same seed, same settings, same models: same answer."""
     beta: float = 1.0
     """Scale of the proxy value (the reference code drops it: 1)."""
-    backup: str = "max"
+    backup: Backup = "max"
     """Backpropagation: "max" (the paper: a node is worth its best child) or
     "mean" (ablation: classic MCTS's visit-weighted mean of the children)."""
-    terminal_reward: str = "-inf"
+    terminal_reward: TerminalReward = "-inf"
     """Value of a child that finishes during expansion: "-inf" (quirk: judged only
     in stage 2) or "eos" (eos-scored right away)."""
     stage2_nonterminal: bool = True
     """Quirk: stage 2 also eos-scores the candidates' unfinished children."""
-    fallback: str = "truncate"
+    fallback: Fallback = "truncate"
     """With no finished answer in the tree: "truncate" returns the best unfinished
     one as it is (the reference code); "finish" continues it with the strong model,
     greedily by V, until it ends."""
@@ -80,8 +95,13 @@ class SearchSettings:
     tree at its cost. For checking the cache and measuring what it saves."""
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        for setting in declared_settings(type(self)):
+            value = getattr(self, setting.name)
+            if setting.choices and value not in setting.choices and not (setting.name == "selection" and callable(value)):
+                rule = " or a function rule(child, parent, c, w) -> float" if setting.name == "selection" else ""
+                raise ValueError(
+                    f"unknown {setting.name} {value!r}: {setting.name} must be one of {', '.join(setting.choices)}{rule}"
+                )
         whole_numbers = ["iterations", "children", "chunk_tokens", "num_select", "samples", "beam_width", "max_new_tokens"]
         if self.token_budget is not None:  # None: no budget
             whole_numbers.append("token_budget")
@@ -100,17 +120,6 @@ class SearchSettings:
             and math.isfinite(self.timeout)
         ):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {self.timeout!r}")
-        if not (callable(self.selection) or self.selection in SELECTIONS):
-            raise ValueError(
-                f"selection must be one of {', '.join(SELECTIONS)} or a function rule(child, parent, c, w) -> float, "
-                f"got {self.selection!r}"
-            )
-        if self.backup not in ("max", "mean"):
-            raise ValueError(f'backup must be "max" or "mean", got {self.backup!r}')
-        if self.terminal_reward not in ("-inf", "eos"):
-            raise ValueError(f'terminal_reward must be "-inf" or "eos", got {self.terminal_reward!r}')
-        if self.fallback not in ("truncate", "finish"):
-            raise ValueError(f'fallback must be "truncate" or "finish", got {self.fallback!r}')
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
         for stop in self.stop:

@@ -20,7 +20,7 @@ from ..errors import ContextFullError, ContextOverflowError, SearchCancelledErro
 from ..prompts import Prompt, PromptFormat, check_prompt
 from .proxy import Proxy
 from .result import PhaseTimer, SearchCost, SearchResult
-from .settings import SearchSettings
+from .settings import SearchSettings, Strategy
 from .strong import StrongModel
 from .tree import BACKUPS, NEG_INF, Node, backpropagate, beam_pool, exploration, keep_best, select_path
 
@@ -153,7 +153,7 @@ class _Run:
                     node.eos_value = value
 
     def evaluate(self, nodes: list[Node], terminal_reward: str) -> None:
-        """Spec step 3: an unfinished node's R is V (no eos); a finished one's is
+        """Step 3 of an iteration (docs/algorithm.md): an unfinished node's R is V (no eos); a finished one's is
         -inf (quirk: judged only in stage 2) or, with "eos", its eos-scored V; N = 1."""
         unfinished = [n for n in nodes if not n.terminal]
         finished = [n for n in nodes if n.terminal]
@@ -248,7 +248,7 @@ def _w2s(run: _Run) -> SearchResult:
                 path = select_path(root, score)
             leaf = path[-1]
             # A finished leaf is not expanded, but its visit counts: it is backed
-            # up along the path like any other (spec step 5), and the search goes on.
+            # up along the path like any other (step 5), and the search goes on.
             if not leaf.terminal:
                 # The expansion that reaches the budget gets shorter chunks, so a
                 # search spends its budget to within K tokens whatever L is.
@@ -401,4 +401,4 @@ def _cbs(run: _Run) -> SearchResult:
     return run.result(root, beams[0], beams[0].value, "beam")
 
 
-_STRATEGIES: dict[str, Callable[[_Run], SearchResult]] = {"w2s": _w2s, "bon": _bon, "cbs": _cbs, "base": _base}
+_STRATEGIES: dict[Strategy, Callable[[_Run], SearchResult]] = {"w2s": _w2s, "bon": _bon, "cbs": _cbs, "base": _base}
