@@ -1,6 +1,6 @@
 """Quality benchmark: does the weak pair really steer the strong model, and how well?
 
-    python benchmarks/quality.py --workers 2   # full run, about an hour on 2 cores
+    python benchmarks/quality.py --workers 2   # full run, about 45 min on 2 cores
     python benchmarks/quality.py --quick    # a small run, under 10 minutes
     python benchmarks/quality.py --report   # rewrite the report from the saved rows
 
@@ -273,9 +273,9 @@ def table(rows: list[dict], task: Task, experiment: str, budget: int, labels, rn
     gold = {label: np.array([by_label[label][p]["gold"] for p in shared]) for label in labels}
     better = "higher" if task.higher_is_better else "lower"
     lines = [
-        f"| strategy | mean {task.gold_name} ({better} is better) [95% CI] | win vs base | win vs cbs | "
+        f"| strategy | mean {task.gold_name} ({better} is better) [95% CI] | win vs base | win vs bon | win vs cbs | "
         "mean proxy V | strong tokens (/ B) | weak tokens | s / prompt | finished |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label in labels:
         picked = [by_label[label][p] for p in shared]
@@ -285,7 +285,7 @@ def table(rows: list[dict], task: Task, experiment: str, budget: int, labels, rn
         finished = np.mean([r["finish_reason"] in ("eos", "stop") for r in picked])
         strong = np.mean([r["strong_tokens_sampled"] for r in picked])
         lines.append(
-            f"| {label} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs('base')} | {vs('cbs')} | "
+            f"| {label} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs('base')} | {vs('bon')} | {vs('cbs')} | "
             f"{np.mean(values):.2f} | {strong:.0f} ({strong / budget:.2f}) | "
             f"{np.mean([r['weak_tokens_scored'] for r in picked]):.0f} | {np.mean([r['seconds'] for r in picked]):.1f} | "
             f"{finished:.0%} |"
