@@ -101,11 +101,10 @@ def test_puct_and_uct_are_the_reference_formulas():
 
 
 def test_uct_ignores_the_prior_that_puct_follows():
-    likely = node(value=0.0, prior=0.9, visits=1)
-    valued = node(value=0.1, prior=0.01, visits=1)
+    likely, valued = node(value=0.0, prior=0.9, visits=1), node(value=0.1, prior=0.01, visits=1)
     root = family(node(visits=4, entropy=1.0), likely, valued)
-    assert select_path(root, lambda ch, p: puct(ch, p, 1.0, 0.0))[-1] is likely
-    assert select_path(root, lambda ch, p: uct(ch, p, 1.0, 0.0))[-1] is valued
+    picks = {rule: select_path(root, lambda ch, p: rule(ch, p, 1.0, 0.0))[-1] for rule in (puct, uct)}
+    assert picks == {puct: likely, uct: valued}
 
 
 def test_mean_backup_weights_each_child_by_its_visits():

@@ -159,7 +159,10 @@ class Context:
         params.n_outputs_max = max(n_batch, n_seq_max)
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.kv_unified = True  # shared prefixes; see ENGINE_NOTES.md
+        # Unified KV: a prefix is stored once however many branches share it, and partial
+        # copies work (with the split KV, n_ctx is divided among sequences and a partial
+        # copy aborts the process).
+        params.kv_unified = True
         # Off by default: on CPU, flash attention accumulates in F16, so the same
         # token scored in a batch of many branches and alone differs more
         # (measured: 0.007 vs 0 in log-prob on an F32 model), and is not faster here.
