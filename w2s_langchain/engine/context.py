@@ -99,8 +99,17 @@ class ContextStats:
     """Tokens pushed through the model."""
     tokens_reused: int = 0
     """Tokens an operation needed that were already in the KV cache."""
+    tokens_refilled: int = 0
+    """Of `tokens_decoded`, those below the first logits row an operation wanted,
+    decoded only because the cache lacked them: a new branch's prefix, or what an
+    evicted branch lost."""
+    tokens_reread: int = 0
+    """Of `tokens_decoded`, cached tokens decoded again because their logits row
+    was wanted (llama.cpp keeps no rows of earlier decodes)."""
     evictions: int = 0
     """Branches evicted to free a sequence id or KV cells."""
+    evictions_for_seqs: int = 0
+    """Those evicted because every sequence id was taken: a sign that n_seq_max is too small."""
     evictions_for_cells: int = 0
     """Those evicted because the KV cache was full: a sign that n_ctx is too small."""
     decode_seconds: float = 0.0
@@ -354,12 +363,17 @@ class Context:
         if not branch.resident:
             donor, shared = self._longest_cached_prefix(branch) if self.reuse_prefixes else (None, 0)
             # Make room without evicting the donor, unless only the donor can go.
-            if donor is not None and not self._free_seqs and not self._evict_one(protected + (donor,)):
-                donor, shared = None, 0
+            if donor is not None and not self._free_seqs:
+                if self._evict_one(protected + (donor,)):
+                    self.stats.evictions_for_seqs += 1
+                else:
+                    donor, shared = None, 0
             self._take_seq(branch, protected)
             if shared:
                 self._copy_cells(donor, branch, shared)
         job.start = min(branch._n_cached, job.first_output)
+        self.stats.tokens_refilled += job.first_output - job.start
+        self.stats.tokens_reread += min(branch._n_cached, len(job.tokens)) - job.start
         self._truncate(branch, job.start)
         self.stats.tokens_reused += job.start
 
@@ -399,11 +413,13 @@ class Context:
     # --- sequence ids and cells -----------------------------------------------
 
     def _take_seq(self, branch: Branch, protected: tuple[Branch, ...]) -> None:
-        if not self._free_seqs and not self._evict_one(protected):
-            raise ContextFullError(
-                f"all {self.n_seq_max} sequence ids are in use by branches of this operation: "
-                "raise n_seq_max or work on fewer branches at once."
-            )
+        if not self._free_seqs:
+            if not self._evict_one(protected):
+                raise ContextFullError(
+                    f"all {self.n_seq_max} sequence ids are in use by branches of this operation: "
+                    "raise n_seq_max or work on fewer branches at once."
+                )
+            self.stats.evictions_for_seqs += 1
         branch._seq = self._free_seqs.pop()
         branch._n_cached = 0
         self._resident[branch._seq] = branch

@@ -86,6 +86,9 @@ class Proxy:
         self.beta = beta
         """Scale of V; a search sets it from its settings."""
         self._prompts: list[tuple[RenderedPrompt, list[int]]] = []
+        self.tokens_remerged = 0
+        """Parent tokens that children scored again because their own tokenization
+        merged them with the new text (the old end re-read), all roles together."""
 
     @property
     def contexts(self) -> list[Context]:
@@ -157,6 +160,7 @@ class Proxy:
             keep = common_prefix_length(parent.tokens, tokens)
             if keep == 0:
                 raise ValueError("a weak prompt must keep at least one token before the answer")
+            self.tokens_remerged += len(parent.tokens) - keep
             branch = scorer.context.fork(parent.branch, keep)
             answer_start = common_prefix_length(prompt_tokens, tokens)
             yield WeakState(tokens, parent.log_probs[:keep], answer_start, branch), tokens[keep:]
