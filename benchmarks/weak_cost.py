@@ -1,6 +1,6 @@
 """Where the weak models' tokens go in one w2s search (issue 14, item 1).
 
-    python benchmarks/weak_cost.py [--iterations 100] [--threads 1] [--repeats 1]
+    python benchmarks/weak_cost.py [--iterations 100] [--threads 1] [--repeats 1] [--n-seq-max N]
 
 Runs the default preset (`sentiment`) on "The restaurant on the corner" with seed 0
 and prints wall time, the weak tokens read per scored child (both roles together),
@@ -59,8 +59,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--n-seq-max", type=int, help="the runtime's n_seq_max (default: the preset's)")
     args = parser.parse_args()
-    config = load_preset("sentiment").with_overrides(runtime={"n_threads": args.threads})
+    runtime = {"n_threads": args.threads} | ({"n_seq_max": args.n_seq_max} if args.n_seq_max else {})
+    config = load_preset("sentiment").with_overrides(runtime=runtime)
     settings = config.search.with_(iterations=args.iterations, seed=0)
     aligner = Aligner(config)
     aligner.search("warm-up", settings.with_(strategy="base", max_new_tokens=2))  # loads the models

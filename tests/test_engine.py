@@ -96,16 +96,65 @@ def test_score_equals_token_by_token_logprobs(tiny, prompt_tokens):
         np.testing.assert_allclose(got, expected, atol=TOL)
 
 
-def test_scoring_a_cached_prefix_costs_only_the_span_and_one_token(tiny, prompt_tokens):
+def test_scoring_siblings_costs_their_spans_and_one_shared_token(tiny, prompt_tokens):
+    """Forks of one cached branch need the same row (at its last token): it is
+    decoded once for all of them, and each gets exactly what it gets alone."""
     ctx = make_context(tiny)
     root = ctx.new_branch(prompt_tokens)
     ctx.next_logits([root])
-    spans = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    spans = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13]]
     kids = [ctx.fork(root) for _ in spans]
-    before = ctx.stats.tokens_decoded, ctx.stats.decode_calls
-    ctx.score(kids, spans)
-    assert ctx.stats.tokens_decoded - before[0] == sum(len(s) + 1 for s in spans)
+    before = ctx.stats.tokens_decoded, ctx.stats.decode_calls, ctx.stats.tokens_reread
+    together = ctx.score(kids, spans)
+    assert ctx.stats.tokens_decoded - before[0] == sum(len(s) for s in spans) + 1
     assert ctx.stats.decode_calls - before[1] == 1
+    assert ctx.stats.tokens_reread - before[2] == 1
+    for span, got in zip(spans, together):
+        (alone,) = ctx.score([ctx.fork(root)], [span])
+        np.testing.assert_allclose(got, alone, atol=TOL)
+
+
+def test_branches_rebuilding_the_same_prefix_decode_it_once(tiny, prompt_tokens):
+    """Forks of a parked (or evicted) branch and two prompts that share a start:
+    each token they share is decoded once, for all of them, with the values each
+    would get alone."""
+    ctx = make_context(tiny)
+    parent = ctx.new_branch(prompt_tokens)
+    other = ctx.new_branch(prompt_tokens[:5] + [7, 8])
+    before = ctx.stats.tokens_decoded
+    ctx.score([parent, other], [[1, 2], [3]])
+    assert ctx.stats.tokens_decoded - before == len(prompt_tokens) + 2 + 2 + 1  # the first 5 once
+    ctx.park(parent)  # its cells go, but for the 5 that `other` shares
+    assert not parent.resident and len(parent) == len(prompt_tokens) + 2
+    spans = [[4, 5], [6], [9, 10, 11]]
+    kids = [ctx.fork(parent) for _ in spans]
+    before = ctx.stats.tokens_decoded, ctx.stats.tokens_refilled, ctx.stats.tokens_reread
+    got = ctx.score(kids, spans)
+    # `other` still holds the first 5: the rest of the parent is decoded once.
+    assert ctx.stats.tokens_refilled - before[1] == len(parent) - 1 - 5
+    assert ctx.stats.tokens_decoded - before[0] == len(parent) - 5 + sum(len(s) for s in spans)
+    assert ctx.stats.tokens_reread == before[2]
+    for span, lp in zip(spans, got):
+        tokens = list(parent.tokens) + span
+        expected = [fresh_next_logprobs(tiny, tokens[:i])[tokens[i]] for i in range(len(parent), len(tokens))]
+        np.testing.assert_allclose(lp, expected, atol=TOL)
+
+
+def test_counters_say_what_tokens_were_decoded_for(tiny, prompt_tokens):
+    ctx = make_context(tiny, n_seq_max=2)
+    a = ctx.new_branch(prompt_tokens)
+    ctx.score([a], [[1, 2]])  # a new branch: its prompt is read to fill the cache
+    assert (ctx.stats.tokens_refilled, ctx.stats.tokens_reread) == (len(prompt_tokens) - 1, 0)
+    ctx.score([a], [[3]])  # its last token again, for its row
+    assert (ctx.stats.tokens_refilled, ctx.stats.tokens_reread) == (len(prompt_tokens) - 1, 1)
+    b = ctx.fork(a, 3)
+    ctx.fork(b, 2)  # a third sequence id: `a`, the least recently used, is evicted
+    assert (ctx.stats.evictions, ctx.stats.evictions_for_seqs, ctx.stats.evictions_for_cells) == (1, 1, 0)
+    assert not a.resident
+    ctx.score([a], [[4]])  # rebuilt from `b`'s 3 cells, evicting the last fork
+    # `a` held the prompt + 3 tokens; its decode starts at 3, its first row at the last token.
+    assert ctx.stats.tokens_refilled == len(prompt_tokens) - 1 + len(prompt_tokens) + 3 - 1 - 3
+    assert (ctx.stats.evictions, ctx.stats.evictions_for_seqs) == (2, 2)
 
 
 def test_forks_share_cells_instead_of_copying(tiny, prompt_tokens):

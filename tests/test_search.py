@@ -15,6 +15,7 @@ import threading
 import time
 
 from w2s_langchain.engine import Context, load_model
+from w2s_langchain.engine import context as context_module
 from w2s_langchain.errors import ContextOverflowError, SearchCancelledError, SearchTimeoutError
 from w2s_langchain.prompts import PromptFormat
 from w2s_langchain.search import Proxy, SearchModels, SearchSettings, StrongModel, WeakScorer, search
@@ -74,9 +75,12 @@ def test_extending_costs_only_the_new_tokens(tiny_models):
     contexts = [s.context for s in proxy.scorers]
     before = [c.stats.tokens_decoded for c in contexts]
     (child,) = proxy.extend([parent], [" walking home"])
+    remerged = 0
     for c, b, p, ch in zip(contexts, before, parent.weak, child.weak):
         kept = next(i for i, (x, y) in enumerate(zip(p.tokens + [-1], ch.tokens)) if x != y)
         assert c.stats.tokens_decoded - b == len(ch.tokens) - kept + 1  # re-merged tail + 1 re-decoded
+        remerged += len(p.tokens) - kept
+    assert remerged > 0 and proxy.tokens_remerged == remerged  # " walki" + "ng" merge
 
 
 def test_eos_value_adds_each_models_end_token(tiny_models):
@@ -343,6 +347,51 @@ def test_cached_and_naive_build_the_same_tree_at_different_cost(tiny_models):
     assert naive.cost.strong_tokens_decoded > 2 * cached.cost.strong_tokens_decoded
     assert naive.cost.weak_tokens_scored > 2 * cached.cost.weak_tokens_scored
     assert naive.cost.strong_tokens_sampled == cached.cost.strong_tokens_sampled
+
+
+def _unshared_entries(jobs):
+    return [(pos, [j]) for j, job in enumerate(jobs) for pos in range(job.start, len(job.tokens))]
+
+
+def _eos_values_by_forks(proxy, states):
+    """Eos scoring as it was before the end token was read off each answer's row
+    in place: fork the answer, append the end token, score it."""
+    values = []
+    for state in states:
+        log_probs = []
+        for role, scorer in enumerate(proxy.scorers):
+            fork = scorer.context.fork(state.weak[role].branch)
+            (end,) = scorer.context.score([fork], [[proxy._prompts[role][0].end_token]])
+            scorer.context.release(fork)
+            log_probs.append(state.weak[role].log_prob + end[0])
+        values.append(proxy._value(*log_probs))
+    return values
+
+
+@pytest.mark.parametrize("terminal_reward", ["-inf", "eos"])
+@pytest.mark.parametrize("same_weak_model", [False, True])
+def test_weak_savings_build_the_same_tree_for_fewer_tokens(tiny_models, monkeypatch, same_weak_model, terminal_reward):
+    """Shared decodes, parked parents and eos read in place change what is read,
+    not what it is worth: the same tree as without them."""
+    settings = SearchSettings(**{**SMALL, "terminal_reward": terminal_reward})
+    models = make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8)  # evicts: rebuilds too
+    new = search(models, PROMPT, settings)
+    assert sum(c.stats.evictions for c in models.proxy.contexts) > 0
+    # Before: each branch decoded its own tokens, expanded nodes kept their
+    # sequence ids, and eos scoring forked.
+    monkeypatch.setattr(context_module, "_plan_entries", _unshared_entries)
+    monkeypatch.setattr(Context, "park", lambda self, branch: None)
+    monkeypatch.setattr(Proxy, "eos_values", _eos_values_by_forks)
+    old = search(make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8), PROMPT, settings)
+    nodes_new, nodes_old = new.tree_dict()["nodes"], old.tree_dict()["nodes"]
+    assert [(n["answer"], n["visits"]) for n in nodes_new] == [(n["answer"], n["visits"]) for n in nodes_old]
+    for x, y in zip(nodes_new, nodes_old):
+        assert (x["value"] is None) == (y["value"] is None)
+        if x["value"] is not None:
+            assert x["value"] == pytest.approx(y["value"], abs=TOL)
+    assert (new.text, new.source) == (old.text, old.source)
+    assert new.value == pytest.approx(old.value, abs=TOL)
+    assert new.cost.weak_tokens_scored < old.cost.weak_tokens_scored
 
 
 def test_token_budget_stops_the_tree_search_once_spent(tiny_models):

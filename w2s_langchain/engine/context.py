@@ -8,9 +8,10 @@ continue it.
 
 Every operation is the same plan: for each branch, decode the tokens the cache
 lacks, in one `llama_decode` for all branches (split at `n_batch`), and read the
-logits rows asked for. Because of that one plan, a branch that was evicted to
-make room is rebuilt by the next operation that touches it: it copies the longest
-prefix any resident branch still holds and decodes the rest.
+logits rows asked for; a token that several branches decode with the same tokens
+before it is decoded once for all of them. Because of that one plan, a branch
+that was evicted to make room is rebuilt by the next operation that touches it:
+it copies the longest prefix any resident branch still holds and decodes the rest.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class _Job:
     first_output: int
     logprobs: bool  # True: log p(tokens[i + 1]) per row; False: the raw rows
     start: int = 0  # first position to decode, set by the plan
+    cached: int = 0  # tokens the branch's cache held when the plan began, set by the plan
 
     def wants_row(self, pos: int) -> bool:
         if self.logprobs:  # the last token predicts nothing that is scored
@@ -96,7 +98,7 @@ class ContextStats:
     decode_calls: int = 0
     """Calls to llama_decode (a retry after eviction counts again)."""
     tokens_decoded: int = 0
-    """Tokens pushed through the model."""
+    """Tokens pushed through the model (one decoded for several branches counts once)."""
     tokens_reused: int = 0
     """Tokens an operation needed that were already in the KV cache."""
     tokens_refilled: int = 0
@@ -186,7 +188,8 @@ class Context:
                     f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
                     "probably not enough memory; lower n_ctx or n_batch."
                 )
-            batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+            # Room for every sequence id on each token: see _plan_entries.
+            batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
             # The finalizer holds the model, so the model outlives the context even when the
             # garbage collector frees both in one pass (llama.cpp reads it in llama_free).
             self._finalizer = weakref.finalize(self, _free_context, handle, batch, model)
@@ -205,7 +208,7 @@ class Context:
         self._batch_tokens = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
         self._batch_pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
         self._batch_wants_logits = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
-        np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))[:] = 1
+        self._batch_n_seq_id = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))
         self._batch_seq_slots = [batch.seq_id[i] for i in range(n_batch)]
         self._free_seqs = list(range(n_seq_max - 1, -1, -1))
         self._resident: dict[int, Branch] = {}
@@ -252,6 +255,16 @@ class Context:
             self._check_tokens(branch._tokens + tokens, len(branch))
             branch._tokens = branch._tokens + tokens
 
+    def park(self, branch: Branch) -> None:
+        """Give up the branch's sequence id but keep the branch: cells that other
+        branches share stay, and the next operation on it rebuilds the rest from
+        the longest prefix a resident branch holds. For a branch that will
+        probably not be extended again (an expanded node, whose children hold its
+        prefix), so that its sequence id goes to one that will."""
+        with self._lock:
+            self._check_live(branch)
+            self._drop(branch)
+
     def release(self, branch: Branch) -> None:
         """Free the branch's sequence id; cells it shared with others stay theirs."""
         with self._lock:
@@ -281,7 +294,8 @@ class Context:
     def score(self, branches: list[Branch], spans: list[list[int]]) -> list[np.ndarray]:
         """Append `spans[i]` to `branches[i]` and return the log-probability of each
         appended token given everything before it (plain softmax), all in one batch.
-        Costs the span plus the branch's last token (re-decoded for its logits)."""
+        Costs the span plus the branch's last token (re-decoded for its logits),
+        which cached branches with the same tokens (siblings) decode once."""
         if len(spans) != len(branches):
             raise ValueError(f"score got {len(branches)} branches but {len(spans)} spans")
         jobs = []
@@ -333,7 +347,12 @@ class Context:
         protected = tuple(job.branch for job in jobs)
         for job in jobs:
             self._prepare(job, protected)
-        entries = [(j, pos) for j, job in enumerate(jobs) for pos in range(job.start, len(job.tokens))]
+        entries = _plan_entries(jobs)
+        for pos, js in entries:
+            if any(pos < jobs[j].cached for j in js):
+                self.stats.tokens_reread += 1
+            elif pos < min(jobs[j].first_output for j in js):
+                self.stats.tokens_refilled += 1
         results: list[list] = [[] for _ in jobs]
         piece = self.n_batch if self.interrupt is None else min(self.n_batch, _INTERRUPTIBLE_PIECE)
         try:
@@ -356,7 +375,8 @@ class Context:
         return [r[0] if not job.logprobs else r for r, job in zip(results, jobs)]
 
     def _prepare(self, job: _Job, protected: tuple[Branch, ...]) -> None:
-        """Make the branch resident and decide where its decode starts."""
+        """Make the branch resident and decide where its decode starts (at the
+        first row wanted, or sooner when the cache lacks tokens before it)."""
         branch = job.branch
         if not self.reuse_prefixes:
             self._truncate(branch, 0)
@@ -371,19 +391,19 @@ class Context:
             self._take_seq(branch, protected)
             if shared:
                 self._copy_cells(donor, branch, shared)
+        job.cached = min(branch._n_cached, len(job.tokens))
         job.start = min(branch._n_cached, job.first_output)
-        self.stats.tokens_refilled += job.first_output - job.start
-        self.stats.tokens_reread += min(branch._n_cached, len(job.tokens)) - job.start
         self._truncate(branch, job.start)
         self.stats.tokens_reused += job.start
 
     def _decode_chunk(self, jobs, chunk, results, protected) -> None:
-        for i, (j, pos) in enumerate(chunk):
-            job = jobs[j]
-            self._batch_tokens[i] = job.tokens[pos]
+        for i, (pos, js) in enumerate(chunk):
+            self._batch_tokens[i] = jobs[js[0]].tokens[pos]
             self._batch_pos[i] = pos
-            self._batch_seq_slots[i][0] = job.branch._seq
-            self._batch_wants_logits[i] = job.wants_row(pos)
+            self._batch_n_seq_id[i] = len(js)
+            for k, j in enumerate(js):
+                self._batch_seq_slots[i][k] = jobs[j].branch._seq
+            self._batch_wants_logits[i] = any(jobs[j].wants_row(pos) for j in js)
         self._batch.n_tokens = len(chunk)
         while True:
             self.stats.decode_calls += 1
@@ -403,12 +423,14 @@ class Context:
             raise DecodeError(f"llama_decode failed with status {status}")
         self.stats.tokens_decoded += len(chunk)
         n_vocab = self.model.n_vocab
-        for i, (j, pos) in enumerate(chunk):
-            job = jobs[j]
-            if not job.wants_row(pos):
+        for i, (pos, js) in enumerate(chunk):
+            if not self._batch_wants_logits[i]:
                 continue
             row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._handle, i), shape=(n_vocab,))
-            results[j].append(log_softmax_at(row, job.tokens[pos + 1]) if job.logprobs else row.copy())
+            for j in js:
+                job = jobs[j]
+                if job.wants_row(pos):
+                    results[j].append(log_softmax_at(row, job.tokens[pos + 1]) if job.logprobs else row.copy())
 
     # --- sequence ids and cells -----------------------------------------------
 
@@ -489,6 +511,31 @@ class Context:
         new = np.asarray(tokens[n_old:], dtype=np.int64)
         if new.size and (new.min() < 0 or new.max() >= self.model.n_vocab):
             raise ValueError(f"token ids must be in 0..{self.model.n_vocab - 1}")
+
+
+def _plan_entries(jobs: list[_Job]) -> list[tuple[int, list[int]]]:
+    """What one operation decodes: (position, the jobs that decode it), in
+    position order. Jobs that start at the same position and agree on every token
+    up to and including this one decode it once, for all their sequences (llama.cpp
+    tags the cell with each, as its own examples do for a shared system prompt):
+    the K children of a node re-reading its last token for their first row, or
+    rebuilding the same evicted prefix, cost one child's tokens. The row is the
+    same for each, since it depends only on those tokens. Position order keeps each
+    sequence's positions in order across the pieces a long operation is split in."""
+    ids: dict = {}  # a prefix (the tokens before `start`, then one token at a time) -> an id
+    entry_at: dict[int, tuple[int, list[int]]] = {}
+    entries = []
+    for j, job in enumerate(jobs):
+        prefix = ids.setdefault(("before", tuple(job.tokens[: job.start])), len(ids))
+        for pos in range(job.start, len(job.tokens)):
+            prefix = ids.setdefault((prefix, job.tokens[pos]), len(ids))
+            if prefix in entry_at:
+                entry_at[prefix][1].append(j)
+            else:
+                entry_at[prefix] = (pos, [j])
+                entries.append(entry_at[prefix])
+    entries.sort(key=lambda entry: entry[0])  # stable: jobs in order within a position
+    return entries
 
 
 def _check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine import Branch, Context
+from ..engine.sampling import log_softmax_at
 from ..prompts import Prompt, PromptFormat, RenderedPrompt, render
 
 
@@ -121,25 +122,30 @@ class Proxy:
         for (_, children, _), scores in zip(requests, scored):
             for child, log_probs in zip(children, scores):
                 child.log_probs = child.log_probs + list(log_probs)
+        # A search extends a node once: from now on its children hold its prefix,
+        # and its sequence ids serve the leaves better (it is rebuilt if needed).
+        for parent in {id(p): p for p in parents}.values():
+            for scorer, weak in zip(self.scorers, parent.weak):
+                scorer.context.park(weak.branch)
         aligned, reference = requests[0][1], requests[1][1]
         return [ProxyState((a, r), self._value(a.log_prob, r.log_prob)) for a, r in zip(aligned, reference)]
 
     def eos_values(self, states: list[ProxyState]) -> list[float]:
         """V with each weak model's end-of-answer token appended ("eos scoring"):
         finished answers are rewarded for being complete."""
-        requests = []
-        for role, scorer in enumerate(self.scorers):
-            end = self._prompts[role][0].end_token
-            forks = [WeakState([], [], 0, scorer.context.fork(s.weak[role].branch)) for s in states]
-            requests.append((scorer.context, forks, [[end]] * len(states)))
-        scores = _score_by_context(requests)
-        for context, forks, _ in requests:
-            for fork in forks:
-                context.release(fork.branch)
-        return [
-            self._value(s.weak[0].log_prob + a[0], s.weak[1].log_prob + r[0])
-            for s, a, r in zip(states, scores[0], scores[1])
-        ]
+        # The end token is only looked up in the row at each answer's last token,
+        # never appended: nothing continues it, so neither a fork (a sequence id)
+        # nor its decode is needed. A state given twice is read once (one branch
+        # may appear only once per operation).
+        unique = list({id(s): s for s in states}.values())
+        branches = [[s.weak[role].branch for s in unique] for role in range(len(self.scorers))]
+        rows = _next_logits_by_context([s.context for s in self.scorers], branches)
+        ends = [rendered.end_token for rendered, _ in self._prompts]
+        values = {
+            id(s): self._value(s.weak[0].log_prob + log_softmax_at(a, ends[0]), s.weak[1].log_prob + log_softmax_at(r, ends[1]))
+            for s, a, r in zip(unique, rows[0], rows[1])
+        }
+        return [values[id(s)] for s in states]
 
     def release(self, state: ProxyState) -> None:
         for scorer, weak in zip(self.scorers, state.weak):
@@ -164,6 +170,20 @@ class Proxy:
             branch = scorer.context.fork(parent.branch, keep)
             answer_start = common_prefix_length(prompt_tokens, tokens)
             yield WeakState(tokens, parent.log_probs[:keep], answer_start, branch), tokens[keep:]
+
+
+def _next_logits_by_context(contexts: list[Context], branches: list[list[Branch]]) -> list[np.ndarray]:
+    """Each role's next-token rows at the ends of its branches, with one decode per
+    distinct context."""
+    by_context: dict[int, list[int]] = {}
+    for role, context in enumerate(contexts):
+        by_context.setdefault(id(context), []).append(role)
+    rows: list = [None] * len(contexts)
+    for roles in by_context.values():
+        together = contexts[roles[0]].next_logits([b for role in roles for b in branches[role]])
+        for role in roles:
+            rows[role], together = together[: len(branches[role])], together[len(branches[role]) :]
+    return rows
 
 
 def _score_by_context(requests: list[tuple[Context, list[WeakState], list[list[int]]]]) -> list[list[np.ndarray]]:
