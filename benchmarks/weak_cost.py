@@ -23,8 +23,8 @@ def one_search(aligner: Aligner, settings) -> dict:
     models = aligner._load()
     proxy = models.proxy
     (weak,) = proxy.contexts  # the preset's two roles share one model, so one context
-    stage2 = {"tokens": 0}
-    eos_values = proxy.eos_values
+    stage2, prompt = {"tokens": 0}, {}
+    eos_values, extend = proxy.eos_values, proxy.extend
 
     def counted_eos_values(states):
         before = weak.stats.tokens_decoded
@@ -33,13 +33,20 @@ def one_search(aligner: Aligner, settings) -> dict:
         finally:
             stage2["tokens"] += weak.stats.tokens_decoded - before
 
-    proxy.eos_values = counted_eos_values
+    def counted_extend(parents, answers):
+        before = weak.stats.tokens_refilled
+        try:
+            return extend(parents, answers)
+        finally:  # the root's expansion refills exactly the roles' prompts
+            prompt.setdefault("tokens", weak.stats.tokens_refilled - before)
+
+    proxy.eos_values, proxy.extend = counted_eos_values, counted_extend
     before, remerged = asdict(weak.stats), proxy.tokens_remerged
     started = time.perf_counter()
     try:
         result = aligner.search(PROMPT, settings)
     finally:
-        del proxy.eos_values
+        del proxy.eos_values, proxy.extend
     seconds = time.perf_counter() - started
     d = {k: v - before[k] for k, v in asdict(weak.stats).items()}
     children = sum(1 for n in result.tree.walk() if n.proxy is not None and n.parent is not None)
@@ -49,6 +56,7 @@ def one_search(aligner: Aligner, settings) -> dict:
         "children": children,
         "remerged": proxy.tokens_remerged - remerged,
         "stage2": stage2["tokens"],
+        "prompt": prompt["tokens"],
         "answer": result.text,
         **d,
     }
@@ -73,8 +81,8 @@ def main() -> None:
               f"{r['weak_tokens'] / r['children']:.2f} per child")
         print(f"  evictions: {r['evictions']} ({r['evictions_for_seqs']} for sequence ids, "
               f"{r['evictions_for_cells']} for KV cells); weak decode calls {r['decode_calls']}")
-        print(f"  weak tokens: {r['tokens_refilled']} refilled (first prompt read + evicted branches rebuilt), "
-              f"{r['tokens_reread']} re-read for a logits row, "
+        print(f"  weak tokens: {r['prompt']} first prompt read, {r['tokens_refilled'] - r['prompt']} rebuilding "
+              f"evicted branches, {r['tokens_reread']} re-read for a logits row, "
               f"{r['tokens_decoded'] - r['tokens_refilled'] - r['tokens_reread']} new "
               f"(of which {r['remerged']} re-merged parent tails); {r['stage2']} of all in stage 2 eos scoring")
         print(f"  answer: {r['answer']!r}", flush=True)
