@@ -1,6 +1,6 @@
 """Quality benchmark: does the weak pair really steer the strong model, and how well?
 
-    python benchmarks/quality.py --workers 2   # full run, about 45 min on 2 cores
+    python benchmarks/quality.py --workers 2   # full run, about 20 min on 2 cores
     python benchmarks/quality.py --quick    # a small run, under 10 minutes
     python benchmarks/quality.py --report   # rewrite the report from the saved rows
 

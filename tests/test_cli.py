@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,13 @@ def test_ctrl_c_stops_the_search_and_exits_cleanly(tiny_preset):
         [sys.executable, "-m", "w2s_langchain.cli", "Once upon a time", "--preset", str(tiny_preset), *ENDLESS],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(3)  # imports and tiny models load well within this; then it searches without end
+    # Wait until the models are mapped (imports done, main() running), however slow
+    # a loaded machine makes the start; then it searches without end.
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and "tiny_c.gguf" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     started = time.perf_counter()
