@@ -153,8 +153,9 @@ class _Run:
                     node.eos_value = value
 
     def evaluate(self, nodes: list[Node], terminal_reward: str) -> None:
-        """Step 3 of an iteration (docs/algorithm.md): an unfinished node's R is V (no eos); a finished one's is
-        -inf (quirk: judged only in stage 2) or, with "eos", its eos-scored V; N = 1."""
+        """Step 3 of an iteration (docs/algorithm.md): an unfinished node's R is V
+        (no eos); a finished one's is -inf (quirk: judged only in stage 2) or, with
+        "eos", its eos-scored V; N = 1."""
         unfinished = [n for n in nodes if not n.terminal]
         finished = [n for n in nodes if n.terminal]
         if unfinished:
@@ -368,11 +369,9 @@ def _bon(run: _Run) -> SearchResult:
     """Best-of-N: N complete samples; the one with the highest eos-scored V."""
     root = run.root()
     run.expand([root], run.settings.samples, run.settings.max_new_tokens, distinct=False)
-    run.score(root.children, eos=True)
-    for child in root.children:
-        child.visits, child.value = 1, child.eos_value
-    best = max(root.children, key=lambda n: n.eos_value)
-    return run.result(root, best, best.eos_value, "best_of_n")
+    run.evaluate(root.children, terminal_reward="eos")  # every sample is finished
+    best = max(root.children, key=lambda n: n.value)
+    return run.result(root, best, best.value, "best_of_n")
 
 
 def _cbs(run: _Run) -> SearchResult:
