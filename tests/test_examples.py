@@ -15,10 +15,11 @@ pytestmark = pytest.mark.packaged
 
 
 @pytest.mark.parametrize(
-    "script", ["lcel_chain.py", "rag_pipeline.py", "llamaindex_query.py", "streaming_progress.py", "async_batch.py"]
+    "script",
+    ["lcel_chain.py", "rag_pipeline.py", "llamaindex_query.py", "streaming_progress.py", "async_batch.py", "served_strong_model.py"],
 )
-def test_example_runs(script, packaged_models):
-    env = {**os.environ, "W2S_ITERATIONS": "2", "W2S_THREADS": "1"}
+def test_example_runs(script, packaged_models, llama_server_binary):
+    env = {**os.environ, "W2S_ITERATIONS": "2", "W2S_THREADS": "1", "LLAMA_SERVER": str(llama_server_binary)}
     done = subprocess.run([sys.executable, str(EXAMPLES / script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.strip()) > 20

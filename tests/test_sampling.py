@@ -84,3 +84,18 @@ def test_log_softmax_at_matches_numpy():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingSettings(**kwargs)
+
+
+@pytest.mark.parametrize("top_k", [0, 5, 40, 100])
+def test_a_sparse_row_warps_like_its_drawable_tokens_alone(top_k):
+    """A server returns only its top tokens (-inf elsewhere): the warp keeps the same
+    tokens with the same probabilities as on those tokens alone."""
+    rng = np.random.default_rng(0)
+    drawable = np.sort(rng.choice(5000, size=60, replace=False))
+    row = np.full(5000, -np.inf)
+    row[drawable] = rng.normal(size=60) * 3
+    settings = SamplingSettings(temperature=0.7, top_k=top_k, top_p=0.9)
+    sparse = warp(row, settings)
+    alone = warp(row[drawable], settings)
+    np.testing.assert_array_equal(sparse.tokens, drawable[alone.tokens])
+    np.testing.assert_allclose(sparse.probs, alone.probs, rtol=1e-12)

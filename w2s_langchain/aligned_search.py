@@ -75,7 +75,7 @@ class AlignedSearch(AlignedModelSettings):
     def _strong_model(self) -> Model:
         """The strong model (loaded on first use, shared)."""
         config = self._config
-        return load_named_model(config.strong.model, config.runtime.load_settings())
+        return load_named_model(config.strong.model, config.runtime)
 
     def _search(
         self, prompt: Prompt, stop: list[str] | None, overrides: Mapping[str, Any], progress: Progress | None = None

@@ -31,7 +31,7 @@ def setting_fields(declaration: type) -> dict[str, Any]:
     setting's docstring."""
     alias_of = {name: alias for alias, name in _ALIASES.items()}
     return {
-        s.name: (Optional[s.type], Field(default=None, alias=alias_of.get(s.name), description=s.doc))
+        s.name: (Optional[s.type], Field(default=None, alias=alias_of.get(s.name), description=s.doc, repr=not s.secret))
         for s in declared_settings(declaration)
     }
 
@@ -55,7 +55,9 @@ class _ComponentFields(BaseModel):
     fields make."""
 
     preset: str = Field(DEFAULT_PRESET, description="Preset name or path of a preset .json: the base of every setting.")
-    strong: str | None = Field(None, description="Strong model: registry name or path to a .gguf file.")
+    strong: str | None = Field(
+        None, description="Strong model: registry name, path to a .gguf file, or http://HOST:PORT of a llama-server."
+    )
     weak: str | None = Field(None, description="Weak aligned model: registry name or path to a .gguf file.")
     weak_ref: str | None = Field(
         None, description="Weak reference model (may be the same file as `weak`: then the prompts differ)."

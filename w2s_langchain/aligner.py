@@ -9,6 +9,7 @@ one, edit it, and pass its path wherever a preset name is accepted.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import warnings
@@ -21,6 +22,7 @@ import llama_cpp
 
 from .engine import Context, LoadSettings, Model, load_model
 from .engine.context import _MAX_THREADS, _check_int_range, default_n_ctx
+from .engine.server import ServerContext, ServerModel, is_server_url
 from .errors import ContextOverflowError
 from .prompts import Prompt, PromptFormat, check_prompt, render
 from .registry import resolve_model
@@ -39,7 +41,7 @@ class Role:
     """One model and how it is shown the prompt."""
 
     model: str
-    """Registry name or path to a .gguf file."""
+    """Registry name, path to a .gguf file, or (strong role) the http:// address of a llama-server."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
 
     def check(self, role: str) -> None:
@@ -75,6 +77,9 @@ class Runtime:
     """Map the model files into memory instead of reading them."""
     use_mlock: bool = False
     """Ask the OS to keep the weights in RAM (never swapped out)."""
+    api_key: str | None = field(default=None, repr=False)
+    """The --api-key of the llama-server a strong model's http:// address names
+    (default: the LLAMA_API_KEY environment variable). Never logged or shown."""
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, so a bad value fails at construction
@@ -91,10 +96,15 @@ class Runtime:
         for name in ("use_mmap", "use_mlock"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise ValueError("api_key must be a string (the server's --api-key)")
         self.load_settings()  # checks n_gpu_layers
 
     def load_settings(self) -> LoadSettings:
         return LoadSettings(self.n_gpu_layers, self.use_mmap, self.use_mlock)
+
+    def server_api_key(self) -> str | None:
+        return self.api_key if self.api_key is not None else os.environ.get("LLAMA_API_KEY") or None
 
     def context_size(self, model: Model) -> int:
         """The n_ctx a context of `model` gets."""
@@ -185,21 +195,42 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> AlignerConfig:
         return AlignerConfig.from_dict(json.load(f))
 
 
-def load_named_model(name_or_path: str | Path, settings: LoadSettings | None = None) -> Model:
-    """The loaded model for a registry name or a GGUF path (told apart as
-    `registry.resolve_model` says), shared process-wide."""
-    return load_model(resolve_model(name_or_path), settings)
+def load_named_model(name_or_path: str | Path, runtime: Runtime | None = None) -> Model | ServerModel:
+    """The model a name means, shared process-wide: the model a llama-server serves
+    for an http:// or https:// address, else the loaded GGUF file of a registry
+    name or a path (told apart as `registry.resolve_model` says)."""
+    runtime = runtime or Runtime()
+    if isinstance(name_or_path, str) and is_server_url(name_or_path):
+        return _server_model(name_or_path.rstrip("/"), runtime.server_api_key())
+    return load_model(resolve_model(name_or_path), runtime.load_settings())
+
+
+_servers: dict[tuple[str, str | None], ServerModel] = {}
+_servers_lock = threading.Lock()
+
+
+def _server_model(url: str, api_key: str | None) -> ServerModel:
+    """One `ServerModel` per server address and key: what it learns of the vocabulary is kept."""
+    with _servers_lock:
+        if (url, api_key) not in _servers:
+            _servers[url, api_key] = ServerModel(url, api_key=api_key)
+        return _servers[url, api_key]
 
 
 class Aligner:
     """Runs searches for one config. Models load on first use and are shared
-    process-wide; this object's contexts are reused between searches, which run
-    one at a time."""
+    process-wide. A search runs on a lane: a set of contexts (the strong model's and
+    the weak ones'), reused between searches. With an in-process strong model there
+    is one lane, so searches run one at a time; with a llama-server there is one per
+    server slot, so that many searches run at once and the server batches them."""
 
     def __init__(self, config: AlignerConfig):
         self.config = config
-        self._models: SearchModels | None = None
-        self._lock = threading.Lock()
+        self._models: SearchModels | None = None  # the first lane
+        self._free: list[SearchModels] = []
+        self._lanes = 0
+        self._max_lanes = 1  # until a llama-server says how many slots it has
+        self._lanes_changed = threading.Condition()
         self._warned: set[int] = set()  # ids of the contexts already found too small
 
     def search(
@@ -210,19 +241,18 @@ class Aligner:
         cancel: threading.Event | None = None,
     ) -> SearchResult:
         """One search (see `search.search`); `cancel`, set from another thread, stops it.
-        The timeout bounds the whole call: waiting for another search on these
-        models, loading them on first use (which cannot be interrupted: a load that
-        ends past the deadline stops the call right after), and the search."""
+        The timeout bounds the whole call: waiting for a free lane, loading the
+        models on first use (which cannot be interrupted: a load that ends past the
+        deadline stops the call right after), and the search."""
         started = time.perf_counter()
         check_prompt(prompt)  # before anything else: a bad prompt must not wait for models to load
         settings = settings or self.config.search
         check = stop_check(settings, cancel, started)
-        # Queued behind another search: wait in short steps, so a timeout or a
-        # cancel ends the wait too.
-        while not self._lock.acquire(timeout=_WAIT_STEP):
-            check()
+        models = self._take_lane(check)
         try:
-            models = self._load()
+            check()
+            if isinstance(models.strong, ServerContext):
+                models.strong.n_probs = _server_n_probs(settings, models.strong.model)
             with search_time_limit(settings.timeout, started):  # chat templates render within the search's time
                 self._check_fits(models, prompt, settings)
                 contexts = [models.strong, *models.proxy.contexts]
@@ -231,7 +261,31 @@ class Aligner:
             self._warn_if_cramped(contexts, evicted_before)
             return result
         finally:
-            self._lock.release()
+            self._give_back(models)
+
+    def _take_lane(self, check) -> SearchModels:
+        """A free lane, a new one while there are fewer than the slots allow, or
+        (waiting in short steps, so a timeout or a cancel ends the wait) the next one
+        given back."""
+        with self._lanes_changed:
+            while not self._free and self._lanes >= self._max_lanes:
+                self._lanes_changed.wait(_WAIT_STEP)
+                check()
+            if self._free:
+                return self._free.pop()
+            self._lanes += 1
+        try:
+            return self._load() if self._models is None else self._new_lane()
+        except BaseException:
+            with self._lanes_changed:
+                self._lanes -= 1
+                self._lanes_changed.notify()
+            raise
+
+    def _give_back(self, models: SearchModels) -> None:
+        with self._lanes_changed:
+            self._free.append(models)
+            self._lanes_changed.notify()
 
     def _warn_if_cramped(self, contexts: list[Context], evicted_before: list[int]) -> None:
         """Say so, once per context, when its KV cache was too small for a search to
@@ -245,7 +299,7 @@ class Aligner:
             asked = self.config.runtime.n_ctx
             rounded = f" (n_ctx={asked}, which llama.cpp rounds up to a multiple of 256)" if asked not in (None, context.n_ctx) else ""
             warnings.warn(
-                f"the KV cache of {context.model.path.name} holds {context.n_ctx} tokens{rounded}, too few for this "
+                f"the KV cache of {context.model.name} holds {context.n_ctx} tokens{rounded}, too few for this "
                 f"search: it evicted {evicted} branches to make room and read them again, which slows the search. "
                 f"Raise n_ctx (e.g. to {2 * context.n_ctx}) or search less (iterations, children, max_new_tokens).",
                 RuntimeWarning,
@@ -253,25 +307,33 @@ class Aligner:
             )
 
     def _load(self) -> SearchModels:
+        """The first lane (loading the models)."""
         if self._models is None:
-            cfg, rt = self.config, self.config.runtime
-            contexts: dict[str, Context] = {}
-
-            def context_for(role: Role) -> Context:
-                model = load_named_model(role.model, rt.load_settings())
-                key = str(model.path)
-                if key not in contexts:  # one context per model: roles sharing it score together
-                    contexts[key] = rt.new_context(model)
-                return contexts[key]
-
-            proxy = Proxy(
-                WeakScorer(context_for(cfg.weak), cfg.weak.prompt),
-                WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt),
-            )
-            # The strong model gets a context of its own even when it is also a weak one.
-            strong = rt.new_context(load_named_model(cfg.strong.model, rt.load_settings()))
-            self._models = SearchModels(strong, cfg.strong.prompt, proxy)
+            self._models = self._new_lane()
+            if isinstance(self._models.strong, ServerContext):
+                with self._lanes_changed:
+                    self._max_lanes = max(1, self._models.strong.model.slots)
+                    self._lanes_changed.notify_all()
         return self._models
+
+    def _new_lane(self) -> SearchModels:
+        cfg, rt = self.config, self.config.runtime
+        contexts: dict[str, Context] = {}
+
+        def context_for(role: Role) -> Context:
+            model = load_named_model(role.model, rt)
+            if isinstance(model, ServerModel):
+                raise ValueError(f"{role.model!r} is a llama-server: only the strong model may be served (the weak ones score locally)")
+            key = str(model.path)
+            if key not in contexts:  # one context per model: roles sharing it score together
+                contexts[key] = rt.new_context(model)
+            return contexts[key]
+
+        proxy = Proxy(WeakScorer(context_for(cfg.weak), cfg.weak.prompt), WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt))
+        strong_model = load_named_model(cfg.strong.model, rt)
+        # The strong model gets a context of its own even when it is also a weak one.
+        strong = ServerContext(strong_model) if isinstance(strong_model, ServerModel) else rt.new_context(strong_model)
+        return SearchModels(strong, cfg.strong.prompt, proxy)
 
     @staticmethod
     def _check_fits(models: SearchModels, prompt: Prompt, settings: SearchSettings) -> None:
@@ -285,6 +347,16 @@ class Aligner:
             if prompt_tokens + answer_tokens > context.n_ctx:
                 raise ContextOverflowError(
                     f"{prompt_tokens} prompt tokens + {answer_tokens} answer tokens do not fit the context of "
-                    f"{context.model.path.name} ({context.n_ctx} tokens): raise n_ctx, lower max_new_tokens "
-                    "or shorten the prompt"
+                    f"{context.model.name} ({context.n_ctx} tokens): raise n_ctx (a llama-server's -c), "
+                    "lower max_new_tokens or shorten the prompt"
                 )
+
+
+# Tokens besides top_k that a server's list may hold and the sampler drops (control tokens).
+_N_PROBS_MARGIN = 16
+
+
+def _server_n_probs(settings: SearchSettings, model: ServerModel) -> int:
+    """How many of the most likely next tokens to ask a server for: all that top_k
+    keeps (the whole vocabulary when top_k is 0), and a margin for dropped ones."""
+    return model.n_vocab if settings.top_k == 0 else min(model.n_vocab, settings.top_k + _N_PROBS_MARGIN)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("prompt", help="the text to answer or continue")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"packaged ({', '.join(preset_names())}) or a .json file")
-    parser.add_argument("--strong", help="strong model: registry name or .gguf path")
+    parser.add_argument("--strong", help="strong model: registry name, .gguf path or http://HOST:PORT of a llama-server")
     parser.add_argument("--weak", help="weak aligned model")
     parser.add_argument("--weak-ref", help="weak reference model")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -27,6 +27,8 @@ class Setting:
     """The field's annotation, resolved (e.g. `int | None`, `Literal["max", "mean"]`)."""
     doc: str
     """The field's docstring, as written (indentation removed)."""
+    secret: bool = False
+    """Kept out of reprs (a field declared with repr=False, such as an API key)."""
 
     @property
     def options(self) -> tuple[Any, ...]:
@@ -44,7 +46,7 @@ def declared_settings(declaration: type) -> tuple[Setting, ...]:
     """The settings a dataclass declares, in field order."""
     types = get_type_hints(declaration)
     docs = _attribute_docstrings(declaration)
-    return tuple(Setting(f.name, types[f.name], docs.get(f.name, "")) for f in fields(declaration))
+    return tuple(Setting(f.name, types[f.name], docs.get(f.name, ""), secret=not f.repr) for f in fields(declaration))
 
 
 def _attribute_docstrings(declaration: type) -> dict[str, str]:

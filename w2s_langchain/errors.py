@@ -55,6 +55,14 @@ class DecodeError(W2SError, RuntimeError):
     """llama_decode failed for a reason other than a full KV cache."""
 
 
+class ServerError(W2SError, RuntimeError):
+    """A llama-server answered with an error (a refused API key, a bad request)."""
+
+
+class ServerUnavailableError(ServerError, ConnectionError):
+    """A llama-server that cannot be reached, stopped answering, or is still loading."""
+
+
 # --- the search ------------------------------------------------------------------
 
 

@@ -114,7 +114,7 @@ def render(model: Model, fmt: PromptFormat, prompt: Prompt) -> RenderedPrompt:
     template = fmt.chat_template or model.chat_template
     if not template:
         raise ValueError(
-            f"{model.path.name} has no chat template: give one (chat_template=...) or use the plain format"
+            f"{model.name} has no chat template: give one (chat_template=...) or use the plain format"
         )
     messages = _with_system(fmt.system, _with_user_template(fmt.user, conversation))
     text = render_chat_template(model, template, messages, add_generation_prompt=True)
@@ -160,7 +160,7 @@ def render_chat_template(model: Model, template: str, messages: list[dict], *, a
         raise
     except Exception as err:  # the template is foreign code: whatever it raises means it cannot be used
         raise ChatTemplateError(
-            f"the chat template of {model.path.name} is unusable here: {why_unusable(err)}. Give this role a "
+            f"the chat template of {model.name} is unusable here: {why_unusable(err)}. Give this role a "
             'prompt format with a chat_template of your own, or use format "plain".'
         ) from err
 

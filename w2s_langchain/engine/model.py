@@ -314,6 +314,11 @@ class Model:
         self.chat_template = self.metadata("tokenizer.chat_template")
         self._pieces: dict[int, bytes] = {}
 
+    @property
+    def name(self) -> str:
+        """The file's name, for messages."""
+        return self.path.name
+
     def __repr__(self) -> str:
         return f"Model({self.path.name!r}, arch={self.architecture}, n_vocab={self.n_vocab})"
 

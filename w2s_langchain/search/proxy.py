@@ -63,7 +63,7 @@ class WeakScorer:
         rendered = render(self.model, self.prompt_format, prompt)
         tokens = rendered.tokenize_with(self.model, "")
         if not tokens:
-            raise ValueError(f"the prompt renders to no tokens for {self.model.path.name}: nothing to condition on")
+            raise ValueError(f"the prompt renders to no tokens for {self.model.name}: nothing to condition on")
         state = WeakState(tokens, [math.nan] * len(tokens), len(tokens), self.context.new_branch(tokens))
         return rendered, state
 
