@@ -217,10 +217,13 @@ def test_the_api_key_is_sent_checked_and_never_shown(tiny_models, llama_server, 
     assert component(tiny_models, server.url, iterations=5).invoke(PROMPT) == llm.invoke(PROMPT)
 
 
-def test_only_the_strong_model_may_be_served(tiny_models, llama_server):
-    server = llama_server(tiny_models.tiny_a)
+@pytest.mark.parametrize("role", ["weak", "weak_ref"])
+def test_only_the_strong_model_may_be_served_and_addresses_are_checked_at_construction(tiny_models, role):
     with pytest.raises(ValueError, match="only the strong model may be served"):
-        component(tiny_models, str(tiny_models.tiny_c), weak=server.url).invoke(PROMPT)
+        component(tiny_models, str(tiny_models.tiny_c), **{role: "http://127.0.0.1:8080"})
+    for bad in ("http://", "http://127.0.0.1:port"):
+        with pytest.raises(ValueError, match="write it as http://HOST:PORT"):
+            component(tiny_models, bad)
 
 
 def test_searches_from_several_processes_share_one_server(tiny_models, llama_server):
@@ -267,3 +270,26 @@ def test_the_command_line_takes_a_server_address(tiny_models, llama_server, tmp_
     )
     assert done.returncode == 1
     assert unreachable in json.loads(done.stdout)["error"]["message"]
+
+
+def test_chat_model_and_llamaindex_stream_over_a_served_model(tiny_models, llama_server):
+    from langchain_core.messages import HumanMessage
+    from llama_index.core.llms import ChatMessage
+
+    from w2s_langchain import ChatW2SAligned, W2SAlignedLlamaIndexLLM
+
+    server = llama_server(tiny_models.tiny_a, ctx=256)  # tiny_a has a chat template
+    fields = dict(
+        weak=str(tiny_models.tiny_a), weak_ref=str(tiny_models.tiny_b), strong_prompt={"format": "chat"},
+        weak_prompt=PLAIN, weak_ref_prompt=PLAIN, iterations=10, children=3, chunk_tokens=1, max_new_tokens=12,
+        n_ctx=512, n_threads=1, seed=3,
+    )
+    served_chat = ChatW2SAligned(strong=server.url, **fields)
+    local_chat = ChatW2SAligned(strong=str(tiny_models.tiny_a), **fields)
+    question = [HumanMessage("Once upon a time")]
+    assert "".join(c.content for c in served_chat.stream(question)) == local_chat.invoke(question).content
+    assert served_chat.get_num_tokens_from_messages(question) == local_chat.get_num_tokens_from_messages(question)
+    index_llm = W2SAlignedLlamaIndexLLM(strong=server.url, **fields)
+    assert index_llm.metadata.context_window == 256  # the server's slot, not the weak models' n_ctx
+    streamed = list(index_llm.stream_chat([ChatMessage(role="user", content="Once upon a time")]))
+    assert streamed[-1].message.content == local_chat.invoke(question).content

@@ -22,7 +22,7 @@ import llama_cpp
 
 from .engine import Context, LoadSettings, Model, load_model
 from .engine.context import _MAX_THREADS, _check_int_range, default_n_ctx
-from .engine.server import ServerContext, ServerModel, is_server_url
+from .engine.server import ServerContext, ServerModel, check_server_url, is_server_url
 from .errors import ContextOverflowError
 from .prompts import Prompt, PromptFormat, check_prompt, render
 from .registry import resolve_model
@@ -47,6 +47,13 @@ class Role:
     def check(self, role: str) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"{role} must name a model (a registry name or a .gguf path), got {self.model!r}")
+        if is_server_url(self.model):
+            if role != "strong":
+                raise ValueError(
+                    f"{role} is {self.model!r}, a llama-server: only the strong model may be served "
+                    "(the weak models score locally); give a registry name or a .gguf path"
+                )
+            check_server_url(self.model)
 
 
 _MAX_N_CTX = 2**24
@@ -106,8 +113,10 @@ class Runtime:
     def server_api_key(self) -> str | None:
         return self.api_key if self.api_key is not None else os.environ.get("LLAMA_API_KEY") or None
 
-    def context_size(self, model: Model) -> int:
-        """The n_ctx a context of `model` gets."""
+    def context_size(self, model: Model | ServerModel) -> int:
+        """The n_ctx a context of `model` gets (a served model's is the server's slot size)."""
+        if isinstance(model, ServerModel):
+            return model.n_ctx
         return self.n_ctx if self.n_ctx is not None else default_n_ctx(model)
 
     def new_context(self, model: Model) -> Context:
@@ -321,9 +330,7 @@ class Aligner:
         contexts: dict[str, Context] = {}
 
         def context_for(role: Role) -> Context:
-            model = load_named_model(role.model, rt)
-            if isinstance(model, ServerModel):
-                raise ValueError(f"{role.model!r} is a llama-server: only the strong model may be served (the weak ones score locally)")
+            model = load_named_model(role.model, rt)  # a local model: Role.check refused addresses
             key = str(model.path)
             if key not in contexts:  # one context per model: roles sharing it score together
                 contexts[key] = rt.new_context(model)

@@ -30,6 +30,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from pydantic import ConfigDict
 
 from .aligned_search import AlignedSearch, generation_info, in_thread, stream_pieces
+from .engine.server import is_server_url
 from .prompts import Message
 
 _Response = TypeVar("_Response", CompletionResponse, ChatResponse)
@@ -52,10 +53,12 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """With the strong model's real context window (loads the model if no n_ctx is set)."""
+        """With the strong model's real context window (loads the model, or asks its
+        server, unless an n_ctx is set for an in-process model)."""
         config = self._config
         runtime = config.runtime
-        n_ctx = runtime.n_ctx or runtime.context_size(self._strong_model())
+        served = is_server_url(config.strong.model)
+        n_ctx = runtime.n_ctx if runtime.n_ctx and not served else runtime.context_size(self._strong_model())
         return LLMMetadata(
             context_window=n_ctx,
             num_output=config.search.max_new_tokens,

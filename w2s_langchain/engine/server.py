@@ -26,7 +26,6 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,6 +46,8 @@ _FALLBACK_CHATML = (
 _SPECIAL_SPELLING = re.compile(r"<\|?[A-Za-z0-9_.:|-]{1,40}\|?>|\[/?[A-Z_]{2,20}\]")
 # Seconds between looks at the caller's interrupt while requests are in flight.
 _POLL = 0.05
+# Seconds the first request to a server may take.
+_FIRST_CONTACT = 10.0
 _HOW_TO_START = (
     "start one with `llama-server -m MODEL.gguf --host 127.0.0.1 --port 8080 --parallel 4` "
     "and wait until GET /health answers {\"status\": \"ok\"} (see docs/serving.md)"
@@ -58,20 +59,26 @@ def is_server_url(name: str) -> bool:
     return isinstance(name, str) and name.lower().startswith(("http://", "https://"))
 
 
+def check_server_url(url: str) -> urllib.parse.SplitResult:
+    """The parts of a server address, or a ValueError saying how to write one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a server address: {url!r}; write it as http://HOST:PORT")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"bad port in server address {url!r}; write it as http://HOST:PORT") from None
+    return parts
+
+
 class _Http:
     """JSON over HTTP to one server. A request that is in flight when the caller
     gives up is cut by closing its socket (llama-server then drops the task)."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not a server address: {url!r}; write it as http://HOST:PORT")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"bad port in server address {url!r}; write it as http://HOST:PORT") from None
+        parts = check_server_url(url)
         self.url = url.rstrip("/")
-        self._scheme, self._host, self._port = parts.scheme, parts.hostname, port
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self._base = parts.path.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if api_key:
@@ -80,9 +87,9 @@ class _Http:
         self._open: set[http.client.HTTPConnection] = set()
         self._open_lock = threading.Lock()
 
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         kind = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = kind(self._host, self._port, timeout=self.timeout)
+        conn = kind(self._host, self._port, timeout=timeout or self.timeout)
         with self._open_lock:
             self._open.add(conn)
         try:
@@ -133,12 +140,14 @@ def _http_error(url: str, path: str, status: int, payload: bytes) -> ServerError
 class ServerModel:
     """The vocabulary and limits of the model a llama-server serves. Asks the server
     once when made (refusing one that is unreachable or still loading); token
-    facts learned later are kept."""
+    facts learned later are kept. `timeout`: seconds one request may take (a
+    search's own timeout cuts it sooner); `max_requests`: requests in flight at once."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 300.0, max_requests: int = 32):
         self._http = _Http(url, api_key, timeout)
         self.url = self._http.url
-        health = self._http.request("GET", "/health")
+        # An address where nothing answers (a host that drops packets) fails in seconds, not `timeout`.
+        health = self._http.request("GET", "/health", timeout=_FIRST_CONTACT)
         if health.get("status") != "ok":
             raise ServerUnavailableError(f"the llama-server at {self.url} is not ready: /health answered {health}")
         props = self._http.request("GET", "/props")
@@ -264,14 +273,6 @@ class ServerModel:
             self._http.cut_all()
             raise
         return [future.result() for future in futures]
-
-
-@dataclass
-class _Row:
-    """One position's distribution as the server gave it."""
-
-    ids: np.ndarray
-    log_probs: np.ndarray
 
 
 class ServerContext:
