@@ -333,9 +333,8 @@ class ServerContext:
                 # The server's own pick is not used, but it decides whether the reply
                 # carries the probabilities: not for an end-of-generation token, nor for
                 # one that ends inside a UTF-8 character. So it is made to pick a plain
-                # ASCII token; biases act on its pick, not on the probabilities returned.
+                # ASCII token; a bias acts on its pick, not on the probabilities returned.
                 "temperature": 0,
-                "ignore_eos": True,
                 "logit_bias": [[self.model.plain_token, 1e6]],
                 "return_tokens": True,
             }
