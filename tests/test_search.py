@@ -6,6 +6,7 @@ differs from tiny_c's: the cross-tokenizer path is the tested path.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 
 import threading
 import time
+
+import golden_trees
 
 from w2s_langchain.engine import Context, load_model
 from w2s_langchain.engine import context as context_module
@@ -298,6 +301,15 @@ def test_the_search_stops_when_no_unfinished_leaf_is_left(tiny_models):
     assert all(n.terminal for n in leaves)
     expanded = [n for n in result.tree.walk() if n.children]
     assert result.cost.iterations == len(expanded) < 500
+
+
+@pytest.mark.parametrize("case", golden_trees.CASES)
+def test_the_search_builds_the_golden_trees(tiny_models, case):
+    """The trees the code built before leaf parallelism (tests/golden_trees.py):
+    node for node, value for value, with the same answer and counters."""
+    expected = json.loads(golden_trees.GOLDEN.read_text())[case]
+    result = search(make_models(tiny_models), PROMPT, SearchSettings(**golden_trees.CASES[case]))
+    assert golden_trees.differences(golden_trees.record(result), expected) == []
 
 
 # --- selection rules -----------------------------------------------------------------
