@@ -59,8 +59,9 @@ class SearchSettings:
     decode per token and the weak models score them in one decode. `iterations`
     still counts leaves, and a token budget is met to within P x K tokens. It
     changes the search (another tree than one leaf per step), so it is off (1) by
-    default; a step needs P x K sequence ids in the strong context and 2 P x K in
-    a weak one that plays both roles (`n_seq_max`)."""
+    default. A step's batch is one decode while its P x K children fit the
+    context's `n_seq_max` (2 P x K for a weak model in both roles); more still
+    work, in several."""
     num_select: int = 10
     """Stage 2 re-scores the terminal children of this many candidates (w2s)."""
     samples: int = 4
