@@ -138,8 +138,8 @@ def main() -> None:
         "- wall s: all openings at that P (per opening in brackets); steps, iterations and tokens sampled: per opening;"
         " strong tokens / llama_decode: the strong model's tokens read over its decodes (the prompt and rebuilt prefixes"
         " included); chosen by stage 2: the share of answers stage 2 ranked (the rest: the \"finish\" fallback"
-        " completed the best path, the tree holding no finished answer); win vs P: the share of openings where the"
-        " answer's gold score beats P's (ties count half).",
+        f" completed the best path, the tree holding no finished answer); win vs P = {args.parallel[0]}: the share of"
+        f" openings where the answer's gold score beats that of P = {args.parallel[0]} (ties count half).",
         "",
         *table(totals, len(openings)),
     ]
