@@ -161,3 +161,19 @@ def test_selection_is_a_flag_and_a_preset_key(tiny_preset, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["settings"]["selection"] == "puct"
     assert cli.main(["Once upon a time", "--preset", str(tiny_preset), "--selection", "alphazero"]) != 0
     assert "selection must be one of ea-puct, puct, uct" in capsys.readouterr().err
+
+
+def test_parallel_leaves_is_a_flag_and_a_preset_key(tiny_preset, tmp_path, capsys):
+    argv = ["Once upon a time", "--iterations", "9", "--n-threads", "1"]
+    assert cli.main([*argv, "--preset", str(tiny_preset), "--parallel-leaves", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["parallel_leaves"] == 4
+    assert data["cost"]["iterations"] == 9 and data["cost"]["steps"] < 9
+    preset = json.loads(tiny_preset.read_text())
+    preset["search"]["parallel_leaves"] = 2
+    two_leaves = tmp_path / "two_leaves.json"
+    two_leaves.write_text(json.dumps(preset))
+    assert cli.main([*argv, "--preset", str(two_leaves)]) == 0
+    assert "9 iterations in 5 steps" in capsys.readouterr().err  # the root, then 2 leaves at a time
+    assert cli.main([*argv, "--preset", str(tiny_preset), "--parallel-leaves", "0"]) == 1
+    assert "parallel_leaves must be a whole number >= 1" in capsys.readouterr().err

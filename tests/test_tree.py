@@ -1,4 +1,5 @@
-"""Pure tree logic (no model needed): EA-PUCT selection and backpropagation."""
+"""Pure tree logic (no model needed): EA-PUCT selection, backpropagation and
+the virtual loss of leaf parallelism."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from w2s_langchain.search.tree import (
     max_of_children,
     mean_of_children,
     puct,
+    select_leaves,
     select_path,
     uct,
+    virtual_visit,
 )
 
 
@@ -120,3 +123,66 @@ def test_a_finished_beam_competes_with_k_copies_of_itself():
     # Best first: the finished beam fills both slots, so the search would end.
     assert keep_best(pool, 2) == [done, done]
     assert keep_best(beam_pool([open_beam], k=3), 2) == [open_beam.children[2], open_beam.children[1]]
+
+
+# --- leaf parallelism ----------------------------------------------------------------
+
+
+def state(root: Node) -> list[tuple]:
+    return [(n.visits, n.value, n.own_value) for n in root.walk()]
+
+
+def small_tree() -> tuple[Node, Node, Node, Node]:
+    """root -> A (leaves a1, a2), B (a leaf). Under PUCT with c = 1, A scores a
+    little above B (0.75 to 0.7), and a1 above a2."""
+    a1, a2 = node(value=0.5, prior=0.6), node(value=0.4, prior=0.4)
+    a = family(node(value=0.5, prior=0.5, visits=3), a1, a2)
+    b = node(value=0.2, prior=0.5, visits=1)
+    return family(node(visits=4), a, b), a1, a2, b
+
+
+def puct_score(child: Node, parent: Node) -> float:
+    return puct(child, parent, 1.0, 0.0)
+
+
+def test_a_virtual_visit_is_taken_back_exactly():
+    root, a1, _, _ = small_tree()
+    before = state(root)
+    path = [root, root.children[0], a1]
+    virtual_visit(path, 1)
+    assert [n.visits for n in path] == [5, 4, 2] and a1.value == 0.5  # visits only
+    virtual_visit(path, -1)
+    assert state(root) == before
+
+
+def test_the_virtual_loss_turns_the_next_selection_to_another_branch():
+    root, a1, a2, b = small_tree()
+    before = state(root)
+    # After root -> A -> a1, A's extra visit drops its score (0.72) below B's (0.76).
+    assert [p[-1] for p in select_leaves(root, puct_score, 2)] == [a1, b]
+    assert state(root) == before  # the virtual losses are taken back
+    # Without one the second leaf is a1's sibling: pending only rules out a1 itself.
+    no_loss = lambda path, n: None  # noqa: E731
+    assert [p[-1] for p in select_leaves(root, puct_score, 2, no_loss)] == [a1, a2]
+
+
+def test_select_leaves_takes_each_leaf_once_and_stops_when_none_is_left():
+    root, a1, a2, b = small_tree()
+    done = family(node(value=1.0, prior=0.5, finish="eos"), node(value=9.0))  # finished: a leaf, never entered
+    family(root, *root.children, done)
+    before = state(root)
+    paths = select_leaves(root, puct_score, 10)
+    assert sorted(id(p[-1]) for p in paths) == sorted(map(id, (a1, a2, b, done)))
+    for path in paths:
+        assert path[0] is root and all(child in parent.children for parent, child in zip(path, path[1:]))
+    assert state(root) == before
+    lone = node(visits=0)  # before the first expansion the root is the only leaf
+    assert select_leaves(lone, puct_score, 4) == [[lone]]
+
+
+def test_one_leaf_is_the_plain_selection_and_the_virtual_loss_is_swappable():
+    root, _, _, _ = small_tree()
+    calls = []
+    paths = select_leaves(root, puct_score, 1, lambda path, n: calls.append((path[-1], n)))
+    assert paths == [select_path(root, puct_score)]
+    assert calls == [(paths[0][-1], 1), (paths[0][-1], -1)]

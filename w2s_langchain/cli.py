@@ -193,6 +193,8 @@ def summary(result: SearchResult) -> str:
     }[result.source]
     value = "n/a" if result.value is None else f"{result.value:.2f}"
     steps = f"{c.iterations} iterations, " if result.strategy in ("w2s", "cbs") else ""
+    if c.steps not in (0, c.iterations):  # leaves grown several at a time
+        steps = f"{c.iterations} iterations in {c.steps} steps, "
     return (
         f"[{result.strategy}: {steps}{c.tree_nodes} nodes, {c.seconds.get('total', 0):.1f} s. "
         f"Strong model sampled {c.strong_tokens_sampled} tokens, weak models read {c.weak_tokens_scored}; "

@@ -36,7 +36,10 @@ class SearchCost:
     """Wall time inside llama_decode, all models: the rest of `seconds["total"]`
     is the search's own work (sampling, scoring, bookkeeping)."""
     iterations: int = 0
-    """MCTS iterations run (w2s), steps (cbs)."""
+    """MCTS iterations run, one per leaf selected (w2s); steps (cbs)."""
+    steps: int = 0
+    """Steps the w2s search ran: each selects up to `parallel_leaves` leaves and
+    grows them together (so `iterations` with one leaf per step); 0 for the others."""
     tree_nodes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per phase (select, expand, evaluate, stage2, ...) and in total."""

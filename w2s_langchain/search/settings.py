@@ -49,8 +49,19 @@ class SearchSettings:
     token_budget: int | None = None
     """Most strong tokens a w2s search samples, the "finish" fallback's included
     (the expansion that reaches it gets shorter chunks, so it is met to within K
-    tokens): a cap on compute, and how strategies are compared at a matched
-    budget. None: run all `iterations`."""
+    tokens, P x K with `parallel_leaves`): a cap on compute, and how strategies
+    are compared at a matched budget. None: run all `iterations`."""
+    parallel_leaves: int = 1
+    """P: leaves each w2s step selects and grows together (leaf parallelism).
+    With P > 1 a step selects up to P different leaves one after another, a
+    virtual loss steering each selection away from the paths already taken, then
+    expands them at once: the strong model samples their P x K children in one
+    decode per token and the weak models score them in one decode. `iterations`
+    still counts leaves, and a token budget is met to within P x K tokens. It
+    changes the search (another tree than one leaf per step), so it is off (1) by
+    default. A step's batch is one decode while its P x K children fit the
+    context's `n_seq_max` (2 P x K for a weak model in both roles); more still
+    work, in several."""
     num_select: int = 10
     """Stage 2 re-scores the terminal children of this many candidates (w2s)."""
     samples: int = 4
@@ -102,7 +113,9 @@ class SearchSettings:
                 raise ValueError(
                     f"unknown {setting.name} {value!r}: {setting.name} must be one of {', '.join(setting.choices)}{rule}"
                 )
-        whole_numbers = ["iterations", "children", "chunk_tokens", "num_select", "samples", "beam_width", "max_new_tokens"]
+        whole_numbers = [
+            "iterations", "children", "chunk_tokens", "parallel_leaves", "num_select", "samples", "beam_width", "max_new_tokens"
+        ]
         if self.token_budget is not None:  # None: no budget
             whole_numbers.append("token_budget")
         for name in whole_numbers:

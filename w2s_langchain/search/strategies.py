@@ -22,7 +22,7 @@ from .proxy import Proxy
 from .result import PhaseTimer, SearchCost, SearchResult
 from .settings import SearchSettings, Strategy
 from .strong import StrongModel
-from .tree import BACKUPS, NEG_INF, Node, backpropagate, beam_pool, exploration, keep_best, select_path
+from .tree import BACKUPS, NEG_INF, Node, backpropagate, beam_pool, exploration, keep_best, select_leaves
 
 # progress(done, total, what): called as the search moves.
 Progress = Callable[[int, int, str], None]
@@ -79,6 +79,7 @@ class _Run:
         self.check = stop_check(settings, cancel, started)
         self.timer = PhaseTimer()
         self.iterations = 0
+        self.steps = 0
         self.prompt_tokens = 0
         self.nodes: list[Node] = []
         self.strong = StrongModel(
@@ -184,6 +185,7 @@ class _Run:
             decode_calls=sum(d[2] for d in delta),
             decode_seconds=round(sum(d[3] for d in delta), 4),
             iterations=self.iterations,
+            steps=self.steps,
             tree_nodes=sum(1 for _ in root.walk()),
             seconds={k: round(v, 4) for k, v in self.timer.seconds.items()},
         )
@@ -241,31 +243,39 @@ def _w2s(run: _Run) -> SearchResult:
     open_leaves = 1  # unfinished nodes not yet expanded: what selection can still grow
     rankable = False  # does the tree hold a stage-2 candidate yet?
     try:
-        for i in range(s.iterations):
+        while run.iterations < s.iterations:
             left = _tokens_left(run, root, rankable)
             if open_leaves == 0 or left <= 0:
                 break
+            # A step: up to P leaves (one iteration each), grown together.
             with run.timer("select"):
-                path = select_path(root, score)
-            leaf = path[-1]
+                paths = select_leaves(root, score, min(s.parallel_leaves, s.iterations - run.iterations))
             # A finished leaf is not expanded, but its visit counts: it is backed
-            # up along the path like any other (step 5), and the search goes on.
-            if not leaf.terminal:
-                # The expansion that reaches the budget gets shorter chunks, so a
-                # search spends its budget to within K tokens whatever L is.
-                chunk_tokens = s.chunk_tokens if left == math.inf else min(s.chunk_tokens, max(1, left // s.children))
-                run.expand([leaf], s.children, chunk_tokens, distinct=True)
-                run.evaluate(leaf.children, s.terminal_reward)
-                open_leaves += sum(not c.terminal for c in leaf.children) - 1
-                rankable = rankable or (leaf is not root and any(c.terminal for c in leaf.children))
-            backpropagate(path, BACKUPS[s.backup])
-            run.iterations = i + 1
-            run.progress(i + 1, s.iterations, "iterations")
+            # up along its path like any other (step 5), and the search goes on.
+            growing = [path[-1] for path in paths if not path[-1].terminal]
+            if growing:
+                run.expand(growing, s.children, _chunk_tokens(s, left, len(growing)), distinct=True)
+                children = [child for leaf in growing for child in leaf.children]
+                run.evaluate(children, s.terminal_reward)
+                open_leaves += sum(not c.terminal for c in children) - len(growing)
+                rankable = rankable or any(leaf is not root and any(c.terminal for c in leaf.children) for leaf in growing)
+            for path in paths:
+                backpropagate(path, BACKUPS[s.backup])
+            run.iterations += len(paths)
+            run.steps += 1
+            run.progress(run.iterations, s.iterations, "iterations")
         with run.timer("stage2"):
             return _stage2(run, root)
     except _CUT_SHORT as why:
         _drop_unevaluated(run)
         return run.cut_short(root, _best_path(root), why)
+
+
+def _chunk_tokens(s: SearchSettings, left: float, leaves: int) -> int:
+    """L, except for the step that reaches the token budget: its leaves' K
+    children each get an equal share of what is left (at least one token), so a
+    search spends its budget to within (leaves x K) tokens whatever L is."""
+    return s.chunk_tokens if left == math.inf else min(s.chunk_tokens, max(1, left // (leaves * s.children)))
 
 
 def _tokens_left(run: _Run, root: Node, rankable: bool) -> float:

@@ -4,13 +4,15 @@ A node is a plain record: the strong model's chunk (answer so far, prior P,
 finish reason), the weak models' state, visits N, value R and the entropy H of
 the strong model's next-token distribution at the node's end.
 
-The policy choices are tables of plain functions: `SELECTIONS` (how a child is
-picked on the way down) and `BACKUPS` (how a node's value follows its children).
+The policy choices are plain functions: the tables `SELECTIONS` (how a child is
+picked on the way down) and `BACKUPS` (how a node's value follows its children),
+and the virtual loss that spreads the leaves of one step (`virtual_visit`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -88,14 +90,57 @@ def uct(child: Node, parent: Node, c: float, w: float) -> float:
 SELECTIONS: dict[str, SelectionRule] = {"ea-puct": ea_puct, "puct": puct, "uct": uct}
 
 
-def select_path(root: Node, score: Callable[[Node, Node], float]) -> list[Node]:
-    """From the root, follow the best-scoring child until a leaf or a terminal node."""
+def select_path(root: Node, score: Callable[[Node, Node], float], skip: Container[Node] = frozenset()) -> list[Node]:
+    """From the root, follow the best-scoring child until a leaf or a terminal
+    node, never entering a node in `skip`."""
     path = [root]
     node = root
     while node.children and not node.terminal:
-        node = max(node.children, key=lambda child: score(child, node))
+        node = max((child for child in node.children if child not in skip), key=lambda child: score(child, node))
         path.append(node)
     return path
+
+
+# --- leaf parallelism --------------------------------------------------------------
+# One step may select several leaves before any of them is expanded, as parallel
+# MCTS does. A virtual loss makes the selections differ: virtual_loss(path, n)
+# counts a path as taken n more times (n = -1 takes that back).
+
+VirtualLoss = Callable[[list[Node], int], None]
+
+
+def virtual_visit(path: list[Node], n: int) -> None:
+    """The virtual loss as visits: each node on the path counts n more visits,
+    which lowers its exploration bonus, so the next selection of the step leans
+    to other branches. Values are left alone, so taking it back is exact."""
+    for node in path:
+        node.visits += n
+
+
+def select_leaves(
+    root: Node, score: Callable[[Node, Node], float], n: int, virtual_loss: VirtualLoss = virtual_visit
+) -> list[list[Node]]:
+    """Up to n paths to different leaves, selected one after another: after each,
+    the path gets a virtual loss and its leaf is pending, so no later selection
+    ends there or enters a node whose leaves are all pending. Fewer than n when no
+    leaf is left to choose. The virtual losses are taken back before it returns
+    (nothing reads visits before the step's backups), so the tree is as it was."""
+    paths: list[list[Node]] = []
+    taken: set[Node] = set()  # pending leaves, and nodes with only pending leaves below
+    try:
+        while len(paths) < n and root not in taken:
+            path = select_path(root, score, taken)
+            virtual_loss(path, 1)
+            paths.append(path)
+            taken.add(path[-1])
+            for node in reversed(path[:-1]):
+                if not all(child in taken for child in node.children):
+                    break
+                taken.add(node)
+    finally:
+        for path in paths:
+            virtual_loss(path, -1)
+    return paths
 
 
 # --- backpropagation ---------------------------------------------------------------
