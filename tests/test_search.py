@@ -248,6 +248,15 @@ def test_stage2_ranks_by_a_candidates_own_value_not_its_backed_up_one(tiny_model
     assert {id(n) for n in root.walk() if n.eos_value is not None} == stage2_finalists(result, 1, True, SearchSettings().c)
 
 
+def test_cost_seconds_has_every_phase_stage2_included(tiny_models):
+    # The result is made inside stage 2: its time so far counts.
+    result, _ = run(tiny_models, iterations=40, max_new_tokens=9, chunk_tokens=2)
+    assert result.source == "stage2"
+    seconds = result.cost.seconds
+    assert set(seconds) == {"select", "expand", "evaluate", "stage2", "total"}
+    assert 0 < seconds["stage2"] < seconds["total"]
+
+
 def test_the_root_is_never_a_stage2_candidate(tiny_models):
     # Every child of the root finishes at once (L >= max_new_tokens): the root is
     # the only node with finished children, and it has no parent.
