@@ -1,11 +1,12 @@
 """Where the weak models' tokens go in one w2s search (issue 14, item 1).
 
-    python benchmarks/weak_cost.py [--iterations 100] [--threads 1] [--repeats 1] [--n-seq-max N]
+    python benchmarks/weak_cost.py [--iterations 100] [--threads 1] [--repeats 1] [--n-seq-max N] [--strong NAME]
 
 Runs the default preset (`sentiment`) on "The restaurant on the corner" with seed 0
-and prints wall time, the weak tokens read per scored child (both roles together),
-sequence-id and KV-cell evictions, and what the weak tokens were read for, from
-the weak context's own counters (`ContextStats`) and the proxy's.
+and prints wall time, the weak tokens read per scored child (both roles together,
+and per role), sequence-id and KV-cell evictions, and what the weak tokens were
+read for, from the weak context's own counters (`ContextStats`) and the proxy's.
+`--strong smollm2-135m-instruct` gives the strong model the weak one's tokenizer.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ def one_search(aligner: Aligner, settings) -> dict:
         finally:
             stage2["tokens"] += weak.stats.tokens_decoded - before
 
-    def counted_extend(parents, answers):
+    def counted_extend(parents, answers, **options):
         before = weak.stats.tokens_refilled
         try:
-            return extend(parents, answers)
+            return extend(parents, answers, **options)
         finally:  # the root's expansion refills exactly the roles' prompts
             prompt.setdefault("tokens", weak.stats.tokens_refilled - before)
 
@@ -68,9 +69,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--n-seq-max", type=int, help="the runtime's n_seq_max (default: the preset's)")
+    parser.add_argument("--strong", help="the strong model (default: the preset's)")
     args = parser.parse_args()
     runtime = {"n_threads": args.threads} | ({"n_seq_max": args.n_seq_max} if args.n_seq_max else {})
-    config = load_preset("sentiment").with_overrides(runtime=runtime)
+    config = load_preset("sentiment").with_overrides(runtime=runtime, models={"strong": args.strong})
     settings = config.search.with_(iterations=args.iterations, seed=0)
     aligner = Aligner(config)
     aligner.search("warm-up", settings.with_(strategy="base", max_new_tokens=2))  # loads the models
@@ -78,7 +80,7 @@ def main() -> None:
         r = one_search(aligner, settings)
         print(f"wall {r['seconds']:.1f} s (in the weak llama_decode {r['decode_seconds']:.1f} s); "
               f"weak tokens read {r['weak_tokens']} for {r['children']} scored children = "
-              f"{r['weak_tokens'] / r['children']:.2f} per child")
+              f"{r['weak_tokens'] / r['children']:.2f} per child ({r['weak_tokens'] / r['children'] / 2:.2f} per role)")
         print(f"  evictions: {r['evictions']} ({r['evictions_for_seqs']} for sequence ids, "
               f"{r['evictions_for_cells']} for KV cells); weak decode calls {r['decode_calls']}")
         print(f"  weak tokens: {r['prompt']} first prompt read, {r['tokens_refilled'] - r['prompt']} rebuilding "

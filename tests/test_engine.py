@@ -96,9 +96,10 @@ def test_score_equals_token_by_token_logprobs(tiny, prompt_tokens):
         np.testing.assert_allclose(got, expected, atol=TOL)
 
 
-def test_scoring_siblings_costs_their_spans_and_one_shared_token(tiny, prompt_tokens):
+def test_scoring_siblings_costs_their_spans_but_their_last_tokens_and_one_shared_token(tiny, prompt_tokens):
     """Forks of one cached branch need the same row (at its last token): it is
-    decoded once for all of them, and each gets exactly what it gets alone."""
+    decoded once for all of them; a span's last token predicts nothing scored, so
+    it is only appended. Each fork gets exactly what it gets alone."""
     ctx = make_context(tiny)
     root = ctx.new_branch(prompt_tokens)
     ctx.next_logits([root])
@@ -106,12 +107,33 @@ def test_scoring_siblings_costs_their_spans_and_one_shared_token(tiny, prompt_to
     kids = [ctx.fork(root) for _ in spans]
     before = ctx.stats.tokens_decoded, ctx.stats.decode_calls, ctx.stats.tokens_reread
     together = ctx.score(kids, spans)
-    assert ctx.stats.tokens_decoded - before[0] == sum(len(s) for s in spans) + 1
+    assert ctx.stats.tokens_decoded - before[0] == sum(len(s) - 1 for s in spans) + 1
     assert ctx.stats.decode_calls - before[1] == 1
     assert ctx.stats.tokens_reread - before[2] == 1
     for span, got in zip(spans, together):
         (alone,) = ctx.score([ctx.fork(root)], [span])
         np.testing.assert_allclose(got, alone, atol=TOL)
+
+
+def test_a_spans_last_token_is_decoded_by_the_first_operation_that_needs_its_row(tiny, prompt_tokens):
+    ctx = make_context(tiny)
+    branch = ctx.new_branch(prompt_tokens)
+    ctx.score([branch], [[1, 2, 3]])
+    assert ctx.kv_cells_used() == len(prompt_tokens) + 2  # 3 predicts nothing scored: only appended
+    kids = [ctx.fork(branch) for _ in range(3)]
+    before = ctx.stats.tokens_decoded
+    scores = ctx.score(kids, [[4], [5], [6]])
+    assert ctx.stats.tokens_decoded - before == 1  # 3, once for the three forks, for its row
+    expected = fresh_next_logprobs(tiny, prompt_tokens + [1, 2, 3])
+    np.testing.assert_allclose([s[0] for s in scores], expected[[4, 5, 6]], atol=TOL)
+    # A branch rebuilt from it copies the cells it holds and decodes the rest, 3 included.
+    for kid in kids:
+        ctx.release(kid)
+    longer = ctx.new_branch(prompt_tokens + [1, 2, 3, 7, 8])
+    before = ctx.stats.tokens_decoded
+    row = ctx.next_logits([longer])[0]
+    assert ctx.stats.tokens_decoded - before == 3
+    np.testing.assert_allclose(log_softmax(row), fresh_next_logprobs(tiny, prompt_tokens + [1, 2, 3, 7, 8]), atol=TOL)
 
 
 def test_branches_rebuilding_the_same_prefix_decode_it_once(tiny, prompt_tokens):
@@ -123,7 +145,8 @@ def test_branches_rebuilding_the_same_prefix_decode_it_once(tiny, prompt_tokens)
     other = ctx.new_branch(prompt_tokens[:5] + [7, 8])
     before = ctx.stats.tokens_decoded
     ctx.score([parent, other], [[1, 2], [3]])
-    assert ctx.stats.tokens_decoded - before == len(prompt_tokens) + 2 + 2 + 1  # the first 5 once
+    # The first 5 once; the spans' last tokens (2 and 3) are only appended.
+    assert ctx.stats.tokens_decoded - before == len(prompt_tokens) + 1 + 2
     ctx.park(parent)  # its cells go, but for the 5 that `other` shares
     assert not parent.resident and len(parent) == len(prompt_tokens) + 2
     spans = [[4, 5], [6], [9, 10, 11]]
@@ -132,7 +155,7 @@ def test_branches_rebuilding_the_same_prefix_decode_it_once(tiny, prompt_tokens)
     got = ctx.score(kids, spans)
     # `other` still holds the first 5: the rest of the parent is decoded once.
     assert ctx.stats.tokens_refilled - before[1] == len(parent) - 1 - 5
-    assert ctx.stats.tokens_decoded - before[0] == len(parent) - 5 + sum(len(s) for s in spans)
+    assert ctx.stats.tokens_decoded - before[0] == len(parent) - 5 + sum(len(s) - 1 for s in spans)
     assert ctx.stats.tokens_reread == before[2]
     for span, lp in zip(spans, got):
         tokens = list(parent.tokens) + span
@@ -145,7 +168,8 @@ def test_counters_say_what_tokens_were_decoded_for(tiny, prompt_tokens):
     a = ctx.new_branch(prompt_tokens)
     ctx.score([a], [[1, 2]])  # a new branch: its prompt is read to fill the cache
     assert (ctx.stats.tokens_refilled, ctx.stats.tokens_reread) == (len(prompt_tokens) - 1, 0)
-    ctx.score([a], [[3]])  # its last token again, for its row
+    ctx.next_logits([a])  # decodes the span's last token, which score only appended
+    ctx.score([a], [[3]])  # that token again, for its row
     assert (ctx.stats.tokens_refilled, ctx.stats.tokens_reread) == (len(prompt_tokens) - 1, 1)
     b = ctx.fork(a, 3)
     ctx.fork(b, 2)  # a third sequence id: `a`, the least recently used, is evicted

@@ -81,7 +81,9 @@ def test_extending_costs_only_the_new_tokens(tiny_models):
     remerged = 0
     for c, b, p, ch in zip(contexts, before, parent.weak, child.weak):
         kept = next(i for i, (x, y) in enumerate(zip(p.tokens + [-1], ch.tokens)) if x != y)
-        assert c.stats.tokens_decoded - b == len(ch.tokens) - kept + 1  # re-merged tail + 1 re-decoded
+        # The last kept token (for its row), the re-merged tail and the new tokens but
+        # the last one (only appended: it predicts nothing scored yet).
+        assert c.stats.tokens_decoded - b == 1 + len(ch.tokens) - kept - 1
         remerged += len(p.tokens) - kept
     assert remerged > 0 and proxy.tokens_remerged == remerged  # " walki" + "ng" merge
 
@@ -257,6 +259,15 @@ def test_stage2_ranks_by_a_candidates_own_value_not_its_backed_up_one(tiny_model
     assert {id(n) for n in root.walk() if n.eos_value is not None} == stage2_finalists(result, 1, True, SearchSettings().c)
 
 
+def test_cost_seconds_has_every_phase_stage2_included(tiny_models):
+    # The result is made inside stage 2: its time so far counts.
+    result, _ = run(tiny_models, iterations=40, max_new_tokens=9, chunk_tokens=2)
+    assert result.source == "stage2"
+    seconds = result.cost.seconds
+    assert set(seconds) == {"select", "expand", "evaluate", "stage2", "total"}
+    assert 0 < seconds["stage2"] < seconds["total"]
+
+
 def test_the_root_is_never_a_stage2_candidate(tiny_models):
     # Every child of the root finishes at once (L >= max_new_tokens): the root is
     # the only node with finished children, and it has no parent.
@@ -370,7 +381,7 @@ def test_cached_and_naive_build_the_same_tree_at_different_cost(tiny_models):
 
 
 def _unshared_entries(jobs):
-    return [(pos, [j]) for j, job in enumerate(jobs) for pos in range(job.start, len(job.tokens))]
+    return [(pos, [j]) for j, job in enumerate(jobs) for pos in range(job.start, job.end)]
 
 
 def _eos_values_by_forks(proxy, states):
@@ -391,15 +402,17 @@ def _eos_values_by_forks(proxy, states):
 @pytest.mark.parametrize("terminal_reward", ["-inf", "eos"])
 @pytest.mark.parametrize("same_weak_model", [False, True])
 def test_weak_savings_build_the_same_tree_for_fewer_tokens(tiny_models, monkeypatch, same_weak_model, terminal_reward):
-    """Shared decodes, parked parents and eos read in place change what is read,
-    not what it is worth: the same tree as without them."""
+    """Shared decodes, parked parents, eos read in place and spans' last tokens
+    left undecoded change what is read, not what it is worth: the same tree as
+    without them."""
     settings = SearchSettings(**{**SMALL, "terminal_reward": terminal_reward})
     models = make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8)  # evicts: rebuilds too
     new = search(models, PROMPT, settings)
     assert sum(c.stats.evictions for c in models.proxy.contexts) > 0
-    # Before: each branch decoded its own tokens, expanded nodes kept their
-    # sequence ids, and eos scoring forked.
+    # Before: each branch decoded its own tokens, a scored span's last one too,
+    # expanded nodes kept their sequence ids, and eos scoring forked.
     monkeypatch.setattr(context_module, "_plan_entries", _unshared_entries)
+    monkeypatch.setattr(context_module._Job, "end", property(lambda job: len(job.tokens)))
     monkeypatch.setattr(Context, "park", lambda self, branch: None)
     monkeypatch.setattr(Proxy, "eos_values", _eos_values_by_forks)
     old = search(make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8), PROMPT, settings)

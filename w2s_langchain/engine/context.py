@@ -7,11 +7,15 @@ only tags cells), so a prefix is stored and computed once however many branches
 continue it.
 
 Every operation is the same plan: for each branch, decode the tokens the cache
-lacks, in one `llama_decode` for all branches (split at `n_batch`), and read the
-logits rows asked for; a token that several branches decode with the same tokens
-before it is decoded once for all of them. Because of that one plan, a branch
-that was evicted to make room is rebuilt by the next operation that touches it:
-it copies the longest prefix any resident branch still holds and decodes the rest.
+lacks up to the last one whose logits row is asked for, in one `llama_decode` for
+all branches (split at `n_batch`), and read those rows; a token that several
+branches decode with the same tokens before it is decoded once for all of them.
+Tokens after the last row asked for are only appended (a scored span's last
+token, a sampled one): the next operation that needs their row decodes them, so
+a branch nobody continues never costs its last token. Because of that one plan,
+a branch that was evicted to make room is rebuilt by the next operation that
+touches it: it copies the longest prefix any resident branch still holds and
+decodes the rest.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ class Branch:
 class _Job:
     """One branch's part of a decode: the tokens it gains and the logits it needs.
 
-    Rows are wanted at positions `first_output .. len(tokens) - 1`; the row at
-    position i predicts token i + 1.
+    Rows are wanted at positions `first_output .. end - 1`; the row at position
+    i predicts token i + 1.
     """
 
     branch: Branch
@@ -84,6 +88,12 @@ class _Job:
     logprobs: bool  # True: log p(tokens[i + 1]) per row; False: the raw rows
     start: int = 0  # first position to decode, set by the plan
     cached: int = 0  # tokens the branch's cache held when the plan began, set by the plan
+
+    @property
+    def end(self) -> int:
+        """One past the last position decoded: the last whose row is wanted (a
+        scored span's last token is only appended)."""
+        return len(self.tokens) - 1 if self.logprobs else len(self.tokens)
 
     def wants_row(self, pos: int) -> bool:
         if self.logprobs:  # the last token predicts nothing that is scored
@@ -294,8 +304,10 @@ class Context:
     def score(self, branches: list[Branch], spans: list[list[int]]) -> list[np.ndarray]:
         """Append `spans[i]` to `branches[i]` and return the log-probability of each
         appended token given everything before it (plain softmax), all in one batch.
-        Costs the span plus the branch's last token (re-decoded for its logits),
-        which cached branches with the same tokens (siblings) decode once."""
+        Costs the branch's last token (decoded for its row: once for branches with
+        the same tokens, such as siblings; again if it was cached) and the span but
+        its last token, which is only appended: the next operation that needs its
+        row (scoring a span after it, `next_logits`) decodes it."""
         if len(spans) != len(branches):
             raise ValueError(f"score got {len(branches)} branches but {len(spans)} spans")
         jobs = []
@@ -369,7 +381,7 @@ class Context:
             raise
         for job in jobs:
             job.branch._tokens = job.tokens
-            job.branch._n_cached = len(job.tokens)
+            job.branch._n_cached = job.end
             if not self.reuse_prefixes:  # nothing is reused, so nothing is kept
                 self._truncate(job.branch, 0)
         return [r[0] if not job.logprobs else r for r, job in zip(results, jobs)]
@@ -527,7 +539,7 @@ def _plan_entries(jobs: list[_Job]) -> list[tuple[int, list[int]]]:
     entries = []
     for j, job in enumerate(jobs):
         prefix = ids.setdefault(("before", tuple(job.tokens[: job.start])), len(ids))
-        for pos in range(job.start, len(job.tokens)):
+        for pos in range(job.start, job.end):
             prefix = ids.setdefault((prefix, job.tokens[pos]), len(ids))
             if prefix in entry_at:
                 entry_at[prefix][1].append(j)

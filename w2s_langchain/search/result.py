@@ -129,11 +129,23 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._running: list[tuple[str, float]] = []  # (phase, when it started), not over yet
 
     @contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        running = (phase, time.perf_counter())
+        self._running.append(running)
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            self._running.remove(running)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - running[1]
+
+    def so_far(self) -> dict[str, float]:
+        """Seconds per phase up to now, the phases still running included: a
+        search's result is made inside its last phase (stage 2)."""
+        now = time.perf_counter()
+        totals = dict(self.seconds)
+        for phase, start in self._running:
+            totals[phase] = totals.get(phase, 0.0) + now - start
+        return totals

@@ -174,7 +174,7 @@ class _Run:
     def result(self, root: Node, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
         after = [_snapshot(c) for c in self.contexts]
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
-        self.timer.seconds["total"] = time.perf_counter() - self.started
+        seconds = self.timer.so_far() | {"total": time.perf_counter() - self.started}
         cost = SearchCost(
             prompt_tokens=self.prompt_tokens,
             strong_tokens_sampled=self.strong.tokens_sampled,
@@ -187,7 +187,7 @@ class _Run:
             iterations=self.iterations,
             steps=self.steps,
             tree_nodes=sum(1 for _ in root.walk()),
-            seconds={k: round(v, 4) for k, v in self.timer.seconds.items()},
+            seconds={k: round(v, 4) for k, v in seconds.items()},
         )
         return SearchResult(
             prompt=self.prompt,
