@@ -37,9 +37,14 @@ COUNTERS = (
     "tokens_from_cache", "decode_calls", "iterations", "tree_nodes",
 )
 
-# Floats equal to this relative tolerance: on one machine they are bit-identical;
-# the margin only absorbs another CPU's order of summation inside llama.cpp.
-REL_TOL = 1e-9
+# How the engine reads tokens: these change with its caching (which cached token it
+# decodes when), not with the search, so the search's fixed point leaves them out.
+ENGINE_COUNTERS = ("strong_tokens_decoded", "weak_tokens_scored", "tokens_from_cache", "decode_calls")
+
+# Floats equal to within the noise of F16 KV cells read in other batch shapes (the
+# engine's tolerance on these F32 models, tests/test_engine.py); the tree's shape,
+# texts and visits must be exactly the same.
+ABS_TOL = 1e-3
 
 
 def record(result: SearchResult) -> dict[str, Any]:
@@ -68,7 +73,7 @@ def record(result: SearchResult) -> dict[str, Any]:
 
 
 def differences(got: Any, expected: Any, where: str = "") -> list[str]:
-    """Where two records differ (floats compared to REL_TOL; infinities exactly)."""
+    """Where two records differ (floats compared to ABS_TOL; infinities exactly)."""
     if isinstance(expected, dict) and isinstance(got, dict):
         if got.keys() != expected.keys():
             return [f"{where}: keys {sorted(got)} != {sorted(expected)}"]
@@ -78,7 +83,7 @@ def differences(got: Any, expected: Any, where: str = "") -> list[str]:
             return [f"{where}: {len(got)} items != {len(expected)}"]
         return [d for i, (g, e) in enumerate(zip(got, expected)) for d in differences(g, e, f"{where}[{i}]")]
     if isinstance(expected, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        same = got == expected or math.isclose(got, expected, rel_tol=REL_TOL)
+        same = got == expected or math.isclose(got, expected, rel_tol=0, abs_tol=ABS_TOL)
         return [] if same else [f"{where}: {got!r} != {expected!r}"]
     return [] if got == expected and type(got) is type(expected) else [f"{where}: {got!r} != {expected!r}"]
 
