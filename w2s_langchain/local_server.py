@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 # Where .ci/build-llama-server leaves the binary it builds from llama-cpp-python's sources.
@@ -62,6 +63,7 @@ class LocalLlamaServer:
         api_key: str | None = None,
         binary: str | os.PathLike[str] | None = None,
         log: str | os.PathLike[str] | None = None,
+        options: Sequence[str] = (),
     ):
         self.model = Path(model)
         self.parallel = parallel
@@ -71,6 +73,8 @@ class LocalLlamaServer:
         self.api_key = api_key
         self.binary = Path(binary) if binary else find_llama_server()
         self.log = Path(log) if log else None
+        self.options = list(options)
+        """More llama-server options, e.g. ["--ubatch-size", "1"]."""
         self.process: subprocess.Popen | None = None
 
     @property
@@ -87,6 +91,7 @@ class LocalLlamaServer:
         ]
         if self.ctx:
             command += ["-c", str(self.ctx)]
+        command += self.options
         env = dict(os.environ)
         if self.api_key:  # through the environment, so it never shows in the process list
             env["LLAMA_API_KEY"] = self.api_key
