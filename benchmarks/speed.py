@@ -25,6 +25,9 @@ w2s with m iterations of K=3 chunks of L=4 tokens, answers of up to 64 tokens:
       total: what the search's own work (sampling, scoring, bookkeeping) adds.
   (d) peak memory of a fresh process that loads the preset and searches, against
       the size of the model files it maps.
+  (e) the P curve of `parallel_leaves` (1, 2, 4, 8) on the default preset, this
+      checkout only: wall time, steps, tokens per llama_decode (its quality:
+      benchmarks/parallel_leaves.py).
 Writes benchmarks/results/speed.md.
 
 A section is a function of (bench, out) listed in SECTIONS. A job's "settings"
@@ -412,7 +415,35 @@ def peak_memory(bench: Bench, out) -> None:
             f"(imports alone: {imports / mb:.0f} MB) | {(peak - imports) / size:.2f}x |")
 
 
-SECTIONS = (where_time_goes, strategies_at_a_matched_budget, peak_memory)
+def leaf_parallelism_curve(bench: Bench, out) -> None:
+    """(e): the default preset's search at parallel_leaves P = 1, 2, 4, 8, this
+    checkout only (the P values take turns on each prompt)."""
+    prompts = PROMPTS[: bench.args.prompts]
+    curve = {p: [] for p in P_CURVE}
+    for prompt in prompts:
+        for p in P_CURVE:
+            curve[p].append(bench.after(job(prompt, {"seed": 0, "parallel_leaves": p})))
+    out("\n## (e) Leaf parallelism: the P curve\n")
+    out(f"Preset `{PRESET}` with its own settings (seed 0, {len(prompts)} prompts, summed): every P runs the same "
+        "iterations, so the same budget of strong tokens. Quality at each P, on the quality benchmark's task at "
+        "B = 64: benchmarks/results/parallel_leaves.md (`python benchmarks/parallel_leaves.py`).\n")
+    out("| P | wall time, s | vs P = 1 | steps | iterations | strong tokens sampled | strong tokens / llama_decode "
+        "| weak tokens / llama_decode |")
+    out("|---|---|---|---|---|---|---|---|")
+    base = sum(r["cost"]["seconds"]["total"] for r in curve[P_CURVE[0]])
+    for p, runs in curve.items():
+        wall = sum(r["cost"]["seconds"]["total"] for r in runs)
+
+        def per_decode(role, runs=runs):
+            return sum(r["decode"][role]["tokens"] for r in runs) / max(1, sum(r["decode"][role]["calls"] for r in runs))
+
+        out(f"| {p} | {wall:.1f} | **{wall / base:.2f}x** | {sum(r['cost']['steps'] for r in runs)} "
+            f"| {sum(r['cost']['iterations'] for r in runs)} | {sum(r['cost']['strong_tokens_sampled'] for r in runs)} "
+            f"| {per_decode('strong'):.2f} | {per_decode('weak'):.2f} |")
+
+
+P_CURVE = (1, 2, 4, 8)
+SECTIONS = (where_time_goes, strategies_at_a_matched_budget, peak_memory, leaf_parallelism_curve)
 
 
 def main() -> None:
