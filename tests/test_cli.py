@@ -32,10 +32,16 @@ def tiny_preset(tiny_models, tmp_path):
     return path
 
 
+def _as_a_terminal_would() -> None:
+    """A child's Ctrl-C as from a terminal: a shell starts background jobs (a CI
+    step, `cmd &`) with SIGINT ignored, and the tests' children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_search_and_exits_cleanly(tiny_preset):
     proc = subprocess.Popen(
         [sys.executable, "-m", "w2s_langchain.cli", "Once upon a time", "--preset", str(tiny_preset), *ENDLESS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_terminal_would,
     )
     # Wait until the models are mapped (imports done, main() running), however slow
     # a loaded machine makes the start; then it searches without end.
@@ -98,7 +104,8 @@ except KeyboardInterrupt:
 @pytest.mark.parametrize("how", ["cli", "invoke"])
 def test_ctrl_c_while_models_load_stops_the_run(tiny_preset, how):
     child = subprocess.run(
-        [sys.executable, "-c", INTERRUPT_DURING_LOAD, how, str(tiny_preset)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", INTERRUPT_DURING_LOAD, how, str(tiny_preset)], capture_output=True, text=True, timeout=120,
+        preexec_fn=_as_a_terminal_would,
     )
     assert child.returncode == 130, child.stdout + child.stderr
     assert child.stdout == ""  # no answer
