@@ -17,6 +17,7 @@ import time
 import pytest
 
 from test_search import PROMPT, make_models
+from w2s_langchain.aligner import _server_n_probs
 from w2s_langchain.engine.server import ServerContext, ServerModel
 from w2s_langchain.errors import ContextOverflowError, ServerError, ServerUnavailableError, SearchTimeoutError
 from w2s_langchain.llms import W2SAlignedLLM
@@ -26,11 +27,10 @@ from w2s_langchain.search import SearchModels, SearchSettings, search
 PLAIN = {"format": "plain"}
 
 
-def served_models(tiny_models, url: str, top_k: int = 50) -> SearchModels:
+def served_models(tiny_models, url: str, settings: SearchSettings) -> SearchModels:
     local = make_models(tiny_models)
     server = ServerModel(url)
-    n_probs = server.n_vocab if top_k == 0 else top_k + 16
-    return SearchModels(ServerContext(server, n_probs=n_probs), local.strong_format, local.proxy)
+    return SearchModels(ServerContext(server, n_probs=_server_n_probs(settings, server)), local.strong_format, local.proxy)
 
 
 def assert_same_tree(ours, theirs) -> None:
@@ -59,8 +59,9 @@ SETTINGS = [
 @pytest.mark.parametrize("settings", SETTINGS, ids=["default", "top_k=0", "eos+top_p"])
 def test_with_one_token_chunks_the_served_search_equals_the_in_process_one(tiny_models, llama_server, settings):
     server = llama_server(tiny_models.tiny_c, parallel=4, ctx=2048)
-    in_process = search(make_models(tiny_models), PROMPT, SearchSettings(**settings))
-    served = search(served_models(tiny_models, server.url, settings.get("top_k", 50)), PROMPT, SearchSettings(**settings))
+    settings = SearchSettings(**settings)
+    in_process = search(make_models(tiny_models), PROMPT, settings)
+    served = search(served_models(tiny_models, server.url, settings), PROMPT, settings)
     assert_same_tree(served, in_process)
     assert served.cost.iterations == in_process.cost.iterations
     assert served.cost.strong_tokens_sampled == in_process.cost.strong_tokens_sampled
@@ -71,7 +72,7 @@ def test_with_one_token_chunks_the_served_search_equals_the_in_process_one(tiny_
 def test_the_baselines_answer_as_in_process_too(tiny_models, llama_server, strategy):
     server = llama_server(tiny_models.tiny_c, parallel=2, ctx=1024)
     settings = SearchSettings(strategy=strategy, samples=3, children=2, chunk_tokens=3, max_new_tokens=10, seed=4)
-    assert search(served_models(tiny_models, server.url), PROMPT, settings).text == search(
+    assert search(served_models(tiny_models, server.url, settings), PROMPT, settings).text == search(
         make_models(tiny_models), PROMPT, settings
     ).text
 
@@ -79,8 +80,8 @@ def test_the_baselines_answer_as_in_process_too(tiny_models, llama_server, strat
 def test_longer_chunks_give_a_valid_tree_reproducibly(tiny_models, llama_server):
     server = llama_server(tiny_models.tiny_c, parallel=4, ctx=2048)
     settings = SearchSettings(iterations=15, children=3, chunk_tokens=4, max_new_tokens=16, seed=9)
-    first = search(served_models(tiny_models, server.url), PROMPT, settings)
-    again = search(served_models(tiny_models, server.url), PROMPT, settings)
+    first = search(served_models(tiny_models, server.url, settings), PROMPT, settings)
+    again = search(served_models(tiny_models, server.url, settings), PROMPT, settings)
     assert_same_tree(again, first)
     for node in first.tree.walk():
         for child in node.children:

@@ -21,6 +21,7 @@ from pydantic import PrivateAttr
 from .aligned_settings import AlignedModelSettings, search_overrides
 from .aligner import Aligner, AlignerConfig, load_named_model
 from .engine import Model
+from .engine.server import ServerModel
 from .prompts import Prompt
 from .search import SearchResult
 from .search.strategies import Progress
@@ -72,8 +73,8 @@ class AlignedSearch(AlignedModelSettings):
         """Tokens of `text` for the strong model's tokenizer."""
         return len(self._strong_model().tokenize(text))
 
-    def _strong_model(self) -> Model:
-        """The strong model (loaded on first use, shared)."""
+    def _strong_model(self) -> Model | ServerModel:
+        """The strong model (loaded on first use, or asked of its server; shared)."""
         config = self._config
         return load_named_model(config.strong.model, config.runtime)
 

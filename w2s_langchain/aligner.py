@@ -21,8 +21,8 @@ from typing import Any
 import llama_cpp
 
 from .engine import Context, LoadSettings, Model, load_model
-from .engine.context import _MAX_THREADS, _check_int_range, default_n_ctx
-from .engine.server import ServerContext, ServerModel, check_server_url, is_server_url
+from .engine.context import MAX_THREADS, check_int_range, default_n_ctx
+from .engine.server import ServerContext, ServerModel, check_server_url, connect_server, is_server_url
 from .errors import ContextOverflowError
 from .prompts import Prompt, PromptFormat, check_prompt, render
 from .registry import resolve_model
@@ -93,13 +93,13 @@ class Runtime:
         # with its name, not at the first call (or deep inside llama.cpp). Limits
         # that depend on the model (n_ctx <= its training context) wait for it.
         if self.n_ctx is not None:
-            _check_int_range("n_ctx", self.n_ctx, 16, _MAX_N_CTX, "no model is trained on more")
+            check_int_range("n_ctx", self.n_ctx, 16, _MAX_N_CTX, "no model is trained on more")
         if self.n_batch is not None:
-            _check_int_range("n_batch", self.n_batch, 1, self.n_ctx or _MAX_N_CTX, "n_ctx")
+            check_int_range("n_batch", self.n_batch, 1, self.n_ctx or _MAX_N_CTX, "n_ctx")
         if self.n_threads is not None:
-            _check_int_range("n_threads", self.n_threads, 1, _MAX_THREADS, "llama.cpp's thread limit")
+            check_int_range("n_threads", self.n_threads, 1, MAX_THREADS, "llama.cpp's thread limit")
         max_seq = llama_cpp.llama_max_parallel_sequences()
-        _check_int_range("n_seq_max", self.n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+        check_int_range("n_seq_max", self.n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
         for name in ("use_mmap", "use_mlock"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -210,20 +210,8 @@ def load_named_model(name_or_path: str | Path, runtime: Runtime | None = None) -
     name or a path (told apart as `registry.resolve_model` says)."""
     runtime = runtime or Runtime()
     if isinstance(name_or_path, str) and is_server_url(name_or_path):
-        return _server_model(name_or_path.rstrip("/"), runtime.server_api_key())
+        return connect_server(name_or_path, runtime.server_api_key())
     return load_model(resolve_model(name_or_path), runtime.load_settings())
-
-
-_servers: dict[tuple[str, str | None], ServerModel] = {}
-_servers_lock = threading.Lock()
-
-
-def _server_model(url: str, api_key: str | None) -> ServerModel:
-    """One `ServerModel` per server address and key: what it learns of the vocabulary is kept."""
-    with _servers_lock:
-        if (url, api_key) not in _servers:
-            _servers[url, api_key] = ServerModel(url, api_key=api_key)
-        return _servers[url, api_key]
 
 
 class Aligner:

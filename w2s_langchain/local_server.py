@@ -17,19 +17,18 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-# Where .ci/build-llama-server leaves the binary it builds from llama-cpp-python's sources.
-_BUILD_CACHE = Path(os.environ.get("LLAMA_SERVER_CACHE", Path.home() / ".cache" / "w2s-langchain"))
-
+from .registry import user_cache_dir
 
 def find_llama_server() -> Path:
     """The llama-server binary: $LLAMA_SERVER, else one on PATH, else the one
-    .ci/build-llama-server built."""
+    .ci/build-llama-server built (in $LLAMA_SERVER_CACHE, by default the user cache)."""
     if os.environ.get("LLAMA_SERVER"):
         return Path(os.environ["LLAMA_SERVER"])
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path)
-    built = sorted(_BUILD_CACHE.glob("llama-server-*/build/bin/llama-server"))
+    builds = Path(os.environ.get("LLAMA_SERVER_CACHE") or user_cache_dir())
+    built = sorted(builds.glob("llama-server-*/build/bin/llama-server"))
     if built:
         return built[-1]
     raise FileNotFoundError(

@@ -85,6 +85,13 @@ def default_registry_path() -> Path:
     return _CHECKOUT_MODELS_DIR / "registry.json"
 
 
+def user_cache_dir() -> Path:
+    """This package's folder in the user's cache: $XDG_CACHE_HOME/w2s-langchain,
+    by default ~/.cache/w2s-langchain (.ci/build-llama-server follows the same rule)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "w2s-langchain"
+
+
 def default_models_dir() -> Path:
     """Where pulled files go: $W2S_MODELS_DIR, else <checkout>/models, else the user cache."""
     override = os.environ.get(MODELS_DIR_ENV)
@@ -92,8 +99,7 @@ def default_models_dir() -> Path:
         return Path(override).expanduser().absolute()
     if not _installed_as_wheel():
         return _CHECKOUT_MODELS_DIR
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "w2s-langchain" / "models"
+    return user_cache_dir() / "models"
 
 
 # --- the registry --------------------------------------------------------------

@@ -37,7 +37,7 @@ from .sampling import log_softmax_at
 
 _DECODE_NO_KV_SLOT = 1
 # llama.cpp's hard limit on threads (GGML_MAX_N_THREADS).
-_MAX_THREADS = 512
+MAX_THREADS = 512
 # With an `interrupt` set, most tokens one llama_decode reads: a long prompt is
 # decoded in pieces this size, so a timeout or cancel is seen within one piece
 # instead of after the seconds a whole prompt takes on a small CPU.
@@ -164,12 +164,12 @@ class Context:
     ):
         n_threads = n_threads if n_threads is not None else max(1, (os.cpu_count() or 2) // 2)
         n_ctx = n_ctx if n_ctx is not None else default_n_ctx(model)
-        _check_int_range("n_ctx", n_ctx, 16, model.n_ctx_train, "the model's training context")
+        check_int_range("n_ctx", n_ctx, 16, model.n_ctx_train, "the model's training context")
         n_batch = n_batch if n_batch is not None else min(512, n_ctx)
-        _check_int_range("n_batch", n_batch, 1, n_ctx, "n_ctx")
-        _check_int_range("n_threads", n_threads, 1, _MAX_THREADS, "llama.cpp's thread limit")
+        check_int_range("n_batch", n_batch, 1, n_ctx, "n_ctx")
+        check_int_range("n_threads", n_threads, 1, MAX_THREADS, "llama.cpp's thread limit")
         max_seq = llama_cpp.llama_max_parallel_sequences()
-        _check_int_range("n_seq_max", n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+        check_int_range("n_seq_max", n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -550,7 +550,9 @@ def _plan_entries(jobs: list[_Job]) -> list[tuple[int, list[int]]]:
     return entries
 
 
-def _check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:
+def check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:
+    """A ValueError naming the setting unless `value` is an int (not a bool) in lo..hi;
+    `hi_name` says where the upper bound comes from. Shared with the runtime settings."""
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer from {lo} to {hi} ({hi_name}), got {value!r}")
 

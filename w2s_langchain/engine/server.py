@@ -275,6 +275,20 @@ class ServerModel:
         return [future.result() for future in futures]
 
 
+_servers: dict[tuple[str, str | None], ServerModel] = {}
+_servers_lock = threading.Lock()
+
+
+def connect_server(url: str, api_key: str | None = None) -> ServerModel:
+    """The `ServerModel` of a server address and key, shared process-wide (as
+    `load_model` shares a loaded file): what it learns of the vocabulary is kept."""
+    key = (url.rstrip("/"), api_key)
+    with _servers_lock:
+        if key not in _servers:
+            _servers[key] = ServerModel(url, api_key=api_key)
+        return _servers[key]
+
+
 class ServerContext:
     """Branches of one prompt on a llama-server: `Context`'s branch interface, with
     the KV cache on the server (each request re-uses the longest prefix a slot holds).
