@@ -6,10 +6,10 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from ..prompts import Prompt
-from .tree import Node
+from .tree import SELECTIONS, Node
 
 
 @dataclass
@@ -78,12 +78,25 @@ class SearchResult:
         return data
 
     def tree_dict(self) -> dict[str, Any]:
-        """The tree as plain data, the schema `w2s_langchain.treeview.tree_to_html` draws."""
+        """The tree as plain data, the schema `w2s_langchain.treeview.tree_to_html` draws:
+        the prompt, the answer, how it was chosen, the settings and the cost, and the
+        nodes, parents before children, each with its statistics and what the search
+        did with it (expanded at which iteration, stage-2 rank, added by the fallback)."""
         prompt = self.prompt if isinstance(self.prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
+        data = self.to_dict()
+        header = {
+            "prompt": prompt,
+            "strategy": self.strategy,
+            "answer": self.text,
+            "result": {key: data[key] for key in ("value", "source", "finish_reason", "stopped")},
+            "settings": data["settings"],
+            "cost": data["cost"],
+        }
         if self.tree is None:
-            return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": []}
+            return header | {"nodes": []}
         ids = {id(node): i for i, node in enumerate(self.tree.walk())}
         chosen = _chosen_path(self.tree, self.text)
+        selection_score = self._selection_score()
         nodes = []
         for node in self.tree.walk():
             parent_text = node.parent.chunk.text if node.parent else ""
@@ -95,15 +108,39 @@ class SearchResult:
                     "answer": node.chunk.text,
                     "visits": node.visits,
                     "value": _finite_or_none(node.value),
+                    "own_value": _finite_or_none(node.own_value),
                     "prior": node.prior,
                     "entropy": node.entropy,
                     "terminal": node.terminal,
                     "finish_reason": node.chunk.finish_reason,
                     "eos_value": _finite_or_none(node.eos_value),
                     "chosen": id(node) in chosen,
+                    "selection_score": _finite_or_none(selection_score(node)) if node.parent else None,
+                    "expanded_at": node.expanded_at,
+                    "stage2_score": _finite_or_none(node.stage2_score),
+                    "stage2_rank": node.stage2_rank,
+                    "final_rank": node.final_rank,
+                    "fallback": node.by_fallback,
+                    "beam_steps": list(node.beam_steps),
                 }
             )
-        return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": nodes}
+        return header | {"nodes": nodes}
+
+    def _selection_score(self) -> Callable[[Node], float | None]:
+        """What w2s's selection rule scores a node at the end of the search (value
+        plus exploration bonus); None for other strategies and for a user's own rule,
+        which the result names but does not hold."""
+        rule = SELECTIONS.get(self.settings.get("selection")) if self.strategy == "w2s" else None
+        if rule is None:
+            return lambda node: None
+        c, w = self.settings["c"], self.settings["entropy_weight"]
+
+        def score(node: Node) -> float | None:
+            if node.parent.visits == 0 or node.value is None:  # uct's log(0): never scored so
+                return None
+            return rule(node, node.parent, c, w)
+
+        return score
 
 
 def _finite_or_none(x: float | None) -> float | None:

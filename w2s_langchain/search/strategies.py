@@ -136,6 +136,7 @@ class _Run:
             families = self.strong.expand([p.chunk for p in parents], k, chunk_tokens, distinct=distinct)
         for parent, (entropy, chunks) in zip(parents, families):
             parent.entropy = entropy
+            parent.expanded_at = self.iterations + 1
             parent.children = [Node(chunk, parent=parent) for chunk in chunks]
             self.nodes.extend(parent.children)
 
@@ -255,6 +256,9 @@ def _w2s(run: _Run) -> SearchResult:
             growing = [path[-1] for path in paths if not path[-1].terminal]
             if growing:
                 run.expand(growing, s.children, _chunk_tokens(s, left, len(growing)), distinct=True)
+                for number, path in enumerate(paths, start=run.iterations + 1):  # one iteration per leaf
+                    if not path[-1].terminal:
+                        path[-1].expanded_at = number
                 children = [child for leaf in growing for child in leaf.children]
                 run.evaluate(children, s.terminal_reward)
                 open_leaves += sum(not c.terminal for c in children) - len(growing)
@@ -323,9 +327,14 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
     def rank(node: Node) -> float:
         return node.own_value + exploration(node, node.parent, s.c)
 
-    kept = sorted(candidates, key=rank, reverse=True)[: s.num_select]
+    ranked = sorted(candidates, key=rank, reverse=True)
+    for place, node in enumerate(ranked, start=1):
+        node.stage2_score, node.stage2_rank = rank(node), place
+    kept = ranked[: s.num_select]
     finalists = [c for n in kept for c in n.children if c.terminal or s.stage2_nonterminal]
     run.score(finalists, eos=True)
+    for place, node in enumerate(sorted(finalists, key=lambda n: n.eos_value, reverse=True), start=1):
+        node.final_rank = place
     best = max(finalists, key=lambda n: n.eos_value)
     return run.result(root, best, best.eos_value, "stage2")
 
@@ -356,6 +365,8 @@ def _fallback(run: _Run, root: Node) -> SearchResult:
         else:
             run.expand([node], 1, to_go, distinct=False)
         run.evaluate(node.children, terminal_reward="eos")
+        for child in node.children:
+            child.by_fallback = True
         node = max(node.children, key=lambda c: c.value)
     return run.result(root, node, node.value, "fallback_finished")
 
@@ -403,6 +414,8 @@ def _cbs(run: _Run) -> SearchResult:
             run.evaluate([c for b in unfinished for c in b.children], terminal_reward="eos")
             beams = keep_best(beam_pool(beams, s.children), s.beam_width)
             run.iterations += 1
+            for beam in dict.fromkeys(beams):  # a finished beam may fill several slots
+                beam.beam_steps.append(run.iterations)
             run.progress(max(len(b.chunk.tokens) for b in beams), s.max_new_tokens, "tokens")
     except _CUT_SHORT as why:
         _drop_unevaluated(run)

@@ -40,6 +40,19 @@ class Node:
     eos_value: float | None = None
     """The eos-scored value, once stage 2 (or the terminal_reward="eos" switch) computed it."""
     children: list[Node] = field(default_factory=list)
+    # What the search did with the node, recorded for the export and the tree view.
+    expanded_at: int | None = None
+    """The iteration (from 1; a CBS step) whose expansion gave this node its children."""
+    stage2_score: float | None = None
+    """A stage-2 candidate's ranking score: own value + exploration bonus."""
+    stage2_rank: int | None = None
+    """A stage-2 candidate's place in that ranking (1 = best)."""
+    final_rank: int | None = None
+    """A stage-2 finalist's place by its eos-scored value (1 = the answer)."""
+    by_fallback: bool = False
+    """Added after the search by the fallback that finished the best path."""
+    beam_steps: list[int] = field(default_factory=list)
+    """The CBS steps (from 1) after which this node was one of the kept beams."""
 
     @property
     def terminal(self) -> bool:
