@@ -1,451 +1,479 @@
-"""Render an exported search tree as one self-contained HTML page.
+"""Render an exported search as one self-contained HTML page, text first.
 
-``tree_to_html`` takes the exporter's dict (prompt, strategy, answer and a flat
-list of nodes, parents before children) and returns a page with the prompt, the
-returned answer, a legend and the tree drawn as inline SVG: root at the top, one
-row per depth, leaves side by side. Fill shows a node's value, size its visits,
-squares are finished answers and the path of the returned answer is drawn in red.
-Hovering a node shows its chunk, answer and statistics (an SVG ``<title>``).
+``tree_to_html`` takes the exporter's dict (`SearchResult.tree_dict()`: prompt,
+answer, result, settings, cost and a flat list of nodes, parents before
+children) and returns a page that reads without any script: the prompt, the
+answer split into its chunks, how and why it was chosen, the settings and the
+cost, the chosen path as nested ``<details>`` and the strategy's own ranking as
+tables (stage 2's finalists and candidates, Best-of-N's samples, beam search's
+kept and pruned beams). A small inline script (treeview.js) then builds the
+interactive views from the tree's data, embedded once as JSON: the chosen path
+as an ARIA tree outline whose rows are built when expanded, a panel with the
+selected node's numbers, children and its comparison with the chosen answer,
+an icicle of the whole tree, and a search with filters.
 
-The page needs no scripts, fonts or network, and the same tree always gives the
-same string. All text is model output, so every piece is cleaned and escaped.
-The markup is also well-formed XML, so the SVG can be cut out and reused.
+The page loads nothing from the network, and the same tree always gives the
+same string. All text is model output: it is escaped, control and
+direction-changing characters are shown as visible marks, and the JSON is
+escaped so no text can end its script element.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import unicodedata
+from pathlib import Path
+from typing import Any
 
 __all__ = ["tree_to_html"]
 
-# --- drawing constants (pixels) ------------------------------------------------
+_HERE = Path(__file__).resolve().parent
+_WINNER = ' class="winner"'
+# How many stage-2 candidates the no-script table lists beyond those judged.
+CANDIDATES_SHOWN = 20
+# Text of the "others" line of a chosen-path row: the first siblings by visits.
+SIBLINGS_SHOWN = 6
 
-LEVEL_HEIGHT = 54
-MIN_SLOT_WIDTH = 30
-LABEL_FONT_SIZE = 9
-# Rough width of a digit at LABEL_FONT_SIZE in a sans-serif font: slots are
-# widened so neighbouring labels do not run into each other.
-LABEL_CHAR_WIDTH = 5.5
-LABEL_PADDING = 8
-RULER_WIDTH = 40  # left strip with the depth numbers
-MARGIN = 16
-# Wider trees also get a scaled-down copy on top, so their shape is seen at once.
-OVERVIEW_MIN_WIDTH = 1000
-RADIUS_MIN = 3.0
-RADIUS_MAX = 9.0
-# A square with side r * sqrt(pi) has the area of a circle of radius r, so
-# terminal nodes do not look heavier than open ones with the same visits.
-SQUARE_SIDE_PER_RADIUS = math.sqrt(math.pi)
+SOURCES = {
+    "stage2": "stage 2: the best eos-scored finalist",
+    "best_of_n": "Best-of-N: the sample with the highest value",
+    "beam": "chunk-level beam search: the top beam",
+    "sample": "one plain sample (nothing was chosen)",
+    "fallback_truncated": "fallback: no finished answer, the best unfinished one as it is",
+    "fallback_finished": "fallback: no stage-2 candidate, the best path finished by the strong model",
+    "partial": "partial: the search was cut short, the best path so far",
+}
+FINISH_REASONS = {"eos": "end of text (eos)", "length": "length limit", "stop": "stop string", None: "not finished"}
 
-# --- colours -----------------------------------------------------------------
-
-# Viridis at five stops: ordered dark to light, readable for colour-blind
-# viewers, and it never comes near the grey of unjudged nodes or the red path.
-VALUE_RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
-UNJUDGED_FILL = "#bdbdbd"
-CHOSEN_COLOUR = "#d62728"
-
-CSS = f"""
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 16px; color: #222; }}
-h1 {{ font-size: 20px; margin: 0 0 8px; }}
-h2 {{ font-size: 15px; margin: 14px 0 4px; }}
-pre {{ white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6;
-      border: 1px solid #ddd; padding: 8px; margin: 0; max-height: 16em; overflow: auto; }}
-.facts span {{ margin-right: 18px; }}
-.overview {{ max-width: 100%; height: auto; max-height: 40vh; border: 1px solid #ddd; }}
-.scroll {{ overflow: auto; max-height: 85vh; border: 1px solid #ddd; margin-top: 8px; }}
-svg text {{ font-family: sans-serif; }}
-/* Edges keep their width in the scaled-down overview. */
-.edge {{ stroke: #a8a8a8; stroke-width: 1; vector-effect: non-scaling-stroke; }}
-.edge.chosen {{ stroke: {CHOSEN_COLOUR}; stroke-width: 3; }}
-.shape {{ stroke: #333; stroke-width: 1; }}
-.chosen > .shape {{ stroke: {CHOSEN_COLOUR}; stroke-width: 2.5; }}
-.node {{ cursor: help; }}
-.node:hover > .shape {{ stroke-width: 3.5; }}
-/* A white halo, so edges pass behind the labels instead of through them. */
-.label {{ font-size: {LABEL_FONT_SIZE}px; fill: #444; text-anchor: middle;
-          paint-order: stroke; stroke: #fff; stroke-width: 3px; }}
-.chosen > .label {{ fill: {CHOSEN_COLOUR}; font-weight: bold; }}
-.ruler {{ font-size: 10px; fill: #999; }}
-.ruler-line {{ stroke: #eee; stroke-width: 1; }}
-.legend text {{ font-size: 11px; fill: #333; }}
-"""
-
-# Characters XML 1.0 forbids (most control characters, lone surrogates,
-# U+FFFE/U+FFFF). Model output can contain them; they would break the page.
-_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Characters shown as a visible mark instead of acting: controls (C0 but tab and
+# newline, DEL, C1), direction marks and overrides, zero-width ones, and what
+# cannot be written as UTF-8 (lone surrogates).
+_MARKED = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 
 
 def tree_to_html(tree: dict) -> str:
-    """Return one self-contained HTML page that draws the exported search ``tree``."""
-    nodes = tree["nodes"]
-    layout = _layout(nodes)
-    return "\n".join(
-        [
-            '<!DOCTYPE html>',
-            '<html xmlns="http://www.w3.org/1999/xhtml" lang="en">',
-            "<head>",
-            '<meta charset="utf-8"/>',
-            f"<title>Search tree ({_text(tree['strategy'])})</title>",
-            f"<style>{CSS}</style>",
-            "</head>",
-            "<body>",
-            _header(tree, layout),
-            _legend(_value_bounds(nodes)),
-            _overview(layout),
-            "<h2>Tree</h2>",
-            '<div class="scroll">',
-            _tree_svg(nodes, layout),
-            "</div>",
-            "</body>",
-            "</html>",
-            "",
-        ]
+    """The page for an exported tree (see the module's docstring)."""
+    view = _View(tree)
+    head = (
+        '<!DOCTYPE html>\n<html lang="en" class="nojs">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>Search tree: {_plain(_shorten(view.prompt, 60))}</title>\n"
+        f"<style>\n{_asset('treeview.css')}</style>\n"
+        "<script>document.documentElement.className = 'js';</script>\n</head>\n<body>\n"
     )
+    body = view.header() + view.main() + view.footer()
+    data = f'<script type="application/json" id="tree-data">{_script_json(view.data())}</script>\n'
+    return head + body + data + f"<script>\n{_asset('treeview.js')}</script>\n</body>\n</html>\n"
 
 
-# --- structure and layout ------------------------------------------------------
+class _View:
+    """The tree's nodes indexed by position, and the page's server-written parts."""
 
+    def __init__(self, tree: dict):
+        self.tree = tree
+        self.nodes: list[dict] = list(tree.get("nodes", []))
+        self.prompt: str = tree.get("prompt", "")
+        self.answer: str = tree.get("answer", "")
+        self.strategy: str = tree.get("strategy", "")
+        self.result: dict = tree.get("result") or {}
+        self.settings: dict = tree.get("settings") or {}
+        self.cost: dict = tree.get("cost") or {}
+        index: dict[Any, int] = {}
+        self.parent: list[int] = []
+        for i, node in enumerate(self.nodes):
+            if node["id"] in index:
+                raise ValueError(f"node id {node['id']} appears twice")
+            index[node["id"]] = i
+            if node["parent"] is None:
+                if i:
+                    raise ValueError(f"node {node['id']} has no parent: only the first node (the root) may")
+                self.parent.append(-1)
+            elif node["parent"] not in index:
+                raise ValueError(f"node {node['id']}: parent {node['parent']} must come before it")
+            else:
+                self.parent.append(index[node["parent"]])
+        self.children: list[list[int]] = [[] for _ in self.nodes]
+        self.depth: list[int] = []
+        for i, p in enumerate(self.parent):
+            self.depth.append(0 if p < 0 else self.depth[p] + 1)
+            if p >= 0:
+                self.children[p].append(i)
+        chosen = [i for i, node in enumerate(self.nodes) if node.get("chosen")]
+        end = max(chosen, key=lambda i: self.depth[i], default=0 if self.nodes else None)
+        self.path: list[int] = []
+        while end is not None and end >= 0:
+            self.path.append(end)
+            end = self.parent[end]
+        self.path.reverse()
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where everything goes, in pixels."""
+    # --- the embedded data -----------------------------------------------------
 
-    depth_of: dict[int, int]
-    centre_of: dict[int, tuple[float, float]]
-    levels: int
-    width: float
-    height: float
+    def data(self) -> dict:
+        """What the script needs, once: columns of numbers, chunks (not answers:
+        the script joins them along a path), sparse columns as {position: value}."""
+        def column(key: str, digits: int | None = 3) -> list:
+            return [_number(node.get(key), digits) for node in self.nodes]
 
+        def sparse(key: str, digits: int | None = 3) -> dict:
+            return {str(i): _number(node[key], digits) for i, node in enumerate(self.nodes) if node.get(key) is not None}
 
-def _layout(nodes: Sequence[dict]) -> _Layout:
-    depth_of = _depths(nodes)
-    slot_of = _leaf_slots(nodes, _children(nodes))
-    slot_width = _slot_width(nodes)
-    levels = max(depth_of.values(), default=0) + 1
-    slots = int(max(slot_of.values(), default=0)) + 1
-    centre_of = {
-        node_id: (RULER_WIDTH + (slot + 0.5) * slot_width, _row_y(depth_of[node_id]))
-        for node_id, slot in slot_of.items()
-    }
-    return _Layout(
-        depth_of=depth_of,
-        centre_of=centre_of,
-        levels=levels,
-        width=RULER_WIDTH + slots * slot_width + MARGIN,
-        height=_row_y(levels - 1) + LEVEL_HEIGHT,
-    )
+        nodes = self.nodes
+        return {
+            "prompt": self.prompt,
+            "answer": self.answer,
+            "strategy": self.strategy,
+            "result": self.result,
+            "settings": self.settings,
+            "path": self.path,
+            "parent": self.parent,
+            "chunk": [node.get("chunk", "") for node in nodes],
+            "visits": column("visits", None),
+            "value": column("value"),
+            "prior": column("prior"),
+            "entropy": column("entropy"),
+            "score": column("selection_score"),
+            "terminal": [1 if node.get("terminal") else 0 for node in nodes],
+            "finish": sparse("finish_reason", None),
+            "own": sparse("own_value"),
+            "eos": sparse("eos_value"),
+            "expanded": sparse("expanded_at", None),
+            "s2score": sparse("stage2_score"),
+            "s2rank": sparse("stage2_rank", None),
+            "final": sparse("final_rank", None),
+            "fallback": [i for i, node in enumerate(nodes) if node.get("fallback")],
+            "beams": {str(i): node["beam_steps"] for i, node in enumerate(nodes) if node.get("beam_steps")},
+        }
 
+    # --- header -------------------------------------------------------------------
 
-def _row_y(depth: int) -> float:
-    return MARGIN + RADIUS_MAX + depth * LEVEL_HEIGHT
-
-
-def _slot_width(nodes: Sequence[dict]) -> float:
-    """Slot wide enough for the longest label, so labels of neighbours don't touch."""
-    labels = [str(node["visits"]) for node in nodes]
-    labels += [_format_value(node["value"]) for node in nodes]
-    longest = max((len(label) for label in labels), default=0)
-    return max(MIN_SLOT_WIDTH, longest * LABEL_CHAR_WIDTH + LABEL_PADDING)
-
-
-def _depths(nodes: Sequence[dict]) -> dict[int, int]:
-    """Depth of every node id; checks that parents come before their children."""
-    depth_of: dict[int, int] = {}
-    for node in nodes:
-        node_id, parent = node["id"], node["parent"]
-        if node_id in depth_of:
-            raise ValueError(f"node id {node_id} appears twice")
-        if parent is not None and parent not in depth_of:
-            raise ValueError(f"node {node_id}: parent {parent} must come before it")
-        depth_of[node_id] = 0 if parent is None else depth_of[parent] + 1
-    return depth_of
-
-
-def _children(nodes: Sequence[dict]) -> dict[int, list[int]]:
-    """Children of every node id, in the order the exporter listed them."""
-    children_of: dict[int, list[int]] = {node["id"]: [] for node in nodes}
-    for node in nodes:
-        if node["parent"] is not None:
-            children_of[node["parent"]].append(node["id"])
-    return children_of
-
-
-def _preorder(nodes: Sequence[dict], children_of: dict[int, list[int]]) -> Iterator[int]:
-    """Node ids depth first, children left to right (a stack, not recursion:
-    a chain of a thousand chunks would pass Python's recursion limit)."""
-    stack = [node["id"] for node in reversed(nodes) if node["parent"] is None]
-    while stack:
-        node_id = stack.pop()
-        yield node_id
-        stack.extend(reversed(children_of[node_id]))
-
-
-def _leaf_slots(nodes: Sequence[dict], children_of: dict[int, list[int]]) -> dict[int, float]:
-    """Horizontal position of every node, in slots: leaves take the next free slot
-    from left to right, a parent sits midway between its first and last child."""
-    leaves = (node_id for node_id in _preorder(nodes, children_of) if not children_of[node_id])
-    slot_of: dict[int, float] = {leaf: float(slot) for slot, leaf in enumerate(leaves)}
-    # Children come after their parents in the list, so walking it backwards
-    # places every child before the parent that is centred over it.
-    for node in reversed(nodes):
-        kids = children_of[node["id"]]
-        if kids:
-            slot_of[node["id"]] = (slot_of[kids[0]] + slot_of[kids[-1]]) / 2
-    return slot_of
-
-
-# --- what a node looks like -----------------------------------------------------
-
-
-def _finite_value(node: dict) -> float | None:
-    value = node["value"]
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _value_bounds(nodes: Sequence[dict]) -> tuple[float, float] | None:
-    """Lowest and highest finite value, or None when no node has one yet."""
-    values = [v for v in map(_finite_value, nodes) if v is not None]
-    return (min(values), max(values)) if values else None
-
-
-def _fill(value: float | None, bounds: tuple[float, float] | None) -> str:
-    if value is None or bounds is None:
-        return UNJUDGED_FILL
-    low, high = bounds
-    # With a single distinct value there is no scale: show the middle colour.
-    share = 0.5 if high == low else (value - low) / (high - low)
-    return _ramp_colour(share)
-
-
-def _ramp_colour(share: float) -> str:
-    """Colour at ``share`` (0..1) along VALUE_RAMP, interpolated linearly."""
-    position = min(max(share, 0.0), 1.0) * (len(VALUE_RAMP) - 1)
-    index = min(int(position), len(VALUE_RAMP) - 2)
-    fraction = position - index
-    start, end = VALUE_RAMP[index], VALUE_RAMP[index + 1]
-    red, green, blue = (round(a + (b - a) * fraction) for a, b in zip(start, end))
-    return f"#{red:02x}{green:02x}{blue:02x}"
-
-
-def _radius(visits: int, max_visits: int) -> float:
-    """Radius grows with log(1 + visits): root visits dwarf leaf visits otherwise."""
-    if max_visits <= 0:
-        return RADIUS_MIN
-    share = math.log1p(max(visits, 0)) / math.log1p(max_visits)
-    return RADIUS_MIN + (RADIUS_MAX - RADIUS_MIN) * share
-
-
-def _format_value(value: float | None) -> str:
-    return "−∞" if value is None else f"{value:.2f}"
-
-
-def _format_optional(number: float | None, digits: int) -> str:
-    return "–" if number is None else f"{number:.{digits}f}"
-
-
-def _tooltip(node: dict, depth: int) -> str:
-    """Everything about a node, one fact a line, for the hover text."""
-    chosen = " — on the returned answer's path" if node["chosen"] else ""
-    unjudged = " (finished, not judged yet)" if node["value"] is None else ""
-    return "\n".join(
-        [
-            f"node {node['id']}, depth {depth}{chosen}",
-            f"visits: {node['visits']}",
-            f"value: {_format_value(node['value'])}{unjudged}",
-            f"prior: {node['prior']:.4f}",
-            f"entropy: {_format_optional(node['entropy'], 3)}",
-            f"terminal: {'yes' if node['terminal'] else 'no'}",
-            f"finish_reason: {node['finish_reason'] or '–'}",
-            f"eos_value: {_format_optional(node['eos_value'], 3)}",
-            "",
-            # repr shows the chunk's exact edges and whitespace ('\n', '  ').
-            f"chunk: {node['chunk']!r}",
-            "",
-            "answer:",
-            node["answer"],
-        ]
-    )
-
-
-# --- SVG and HTML pieces ---------------------------------------------------------
-
-
-def _text(value: object) -> str:
-    """``value`` as text that is safe anywhere in the page, markup or attribute."""
-    return html.escape(_NOT_XML_CHAR.sub("\ufffd", str(value)), quote=True)
-
-
-def _px(number: float) -> str:
-    return f"{number:.1f}"
-
-
-def _tree_svg(nodes: Sequence[dict], layout: _Layout) -> str:
-    bounds = _value_bounds(nodes)
-    max_visits = max((node["visits"] for node in nodes), default=0)
-    width, height = _px(layout.width), _px(layout.height)
-    parts = [
-        f'<svg class="tree" xmlns="http://www.w3.org/2000/svg" '
-        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
-        # The overview draws this group again, scaled down.
-        '<g id="tree-drawing">',
-    ]
-    parts += _depth_ruler(layout.levels, layout.width)
-    parts += _edges(nodes, layout.centre_of)
-    for node in nodes:
-        x, y = layout.centre_of[node["id"]]
-        radius = _radius(node["visits"], max_visits)
-        fill = _fill(_finite_value(node), bounds)
-        parts.append(_node_group(node, layout.depth_of[node["id"]], x, y, radius, fill))
-    parts += ["</g>", "</svg>"]
-    return "\n".join(parts)
-
-
-def _overview(layout: _Layout) -> str:
-    """The whole tree shrunk to the page width; nothing for trees that fit anyway."""
-    if layout.width <= OVERVIEW_MIN_WIDTH:
-        return ""
-    width, height = _px(layout.width), _px(layout.height)
-    return (
-        "<h2>Overview</h2>\n"
-        f'<svg class="overview" xmlns="http://www.w3.org/2000/svg" '
-        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-        '<use href="#tree-drawing"/></svg>'
-    )
-
-
-def _depth_ruler(levels: int, width: float) -> list[str]:
-    """A faint line and number per depth, so deep rows can be told apart."""
-    parts = []
-    for depth in range(levels):
-        y = _row_y(depth)
-        parts.append(
-            f'<line class="ruler-line" x1="{RULER_WIDTH}" y1="{_px(y)}" x2="{_px(width)}" y2="{_px(y)}"/>'
+    def header(self) -> str:
+        n = len(self.nodes)
+        chunks = "".join(
+            f'<a class="chunk" href="#node-{i}" data-node="{i}">{_text(self.nodes[i].get("chunk", ""))}</a>'
+            for i in self.path[1:]
         )
-        parts.append(f'<text class="ruler" x="4" y="{_px(y + 3)}">{depth}</text>')
-    return parts
-
-
-def _edges(nodes: Sequence[dict], centre_of: dict[int, tuple[float, float]]) -> list[str]:
-    """One line per parent-child pair; the chosen path last so it lies on top."""
-    chosen_ids = {node["id"] for node in nodes if node["chosen"]}
-    children = [node for node in nodes if node["parent"] is not None]
-    parts = []
-    for child in sorted(children, key=lambda node: node["chosen"]):
-        x1, y1 = centre_of[child["parent"]]
-        x2, y2 = centre_of[child["id"]]
-        on_path = child["id"] in chosen_ids and child["parent"] in chosen_ids
-        css_class = "edge chosen" if on_path else "edge"
-        parts.append(
-            f'<line class="{css_class}" x1="{_px(x1)}" y1="{_px(y1)}" x2="{_px(x2)}" y2="{_px(y2)}"/>'
-        )
-    return parts
-
-
-def _node_group(node: dict, depth: int, x: float, y: float, radius: float, fill: str) -> str:
-    """A node's shape, its two labels (visits over value) and its hover text."""
-    classes = ["node"]
-    if node["chosen"]:
-        classes.append("chosen")
-    if node["terminal"]:
-        classes.append("terminal")
-    label_y = y + RADIUS_MAX + LABEL_FONT_SIZE + 1
-    return (
-        f'<g class="{" ".join(classes)}" id="node-{node["id"]}">'
-        f"<title>{_text(_tooltip(node, depth))}</title>"
-        f"{_shape(node['terminal'], x, y, radius, fill)}"
-        f'<text class="label" x="{_px(x)}" y="{_px(label_y)}">{node["visits"]}</text>'
-        f'<text class="label" x="{_px(x)}" y="{_px(label_y + LABEL_FONT_SIZE + 1)}">'
-        f"{_text(_format_value(node['value']))}</text>"
-        "</g>"
-    )
-
-
-def _shape(terminal: bool, x: float, y: float, radius: float, fill: str) -> str:
-    """A square for a finished answer, a circle for a chunk the search can extend."""
-    if terminal:
-        side = radius * SQUARE_SIDE_PER_RADIUS
         return (
-            f'<rect class="shape" x="{_px(x - side / 2)}" y="{_px(y - side / 2)}" '
-            f'width="{_px(side)}" height="{_px(side)}" fill="{fill}"/>'
+            '<header>\n'
+            f'<h1>Search tree <span class="sub">{_plain(self.strategy)} · {n} node{"s" if n != 1 else ""}</span></h1>\n'
+            f'<p class="result" id="result-line">{self.result_line()}</p>\n'
+            f'<h2 class="label" id="prompt-label">Prompt</h2>\n<div class="prompt text" aria-labelledby="prompt-label">{_text(self.prompt)}</div>\n'
+            '<h2 class="label" id="answer-label">Answer <span class="hint">one box per chunk of the chosen path; '
+            'select one to see its node</span></h2>\n'
+            f'<p class="answer text" id="answer" aria-labelledby="answer-label">{chunks or _text(self.answer)}</p>\n'
+            f'<div class="facts">{self.settings_html()}{self.cost_html()}</div>\n'
+            '</header>\n'
         )
-    return f'<circle class="shape" cx="{_px(x)}" cy="{_px(y)}" r="{_px(radius)}" fill="{fill}"/>'
+
+    def result_line(self) -> str:
+        source = self.result.get("source")
+        how = SOURCES.get(source, source or "unknown")
+        if source == "stage2":
+            finalists = sum(1 for node in self.nodes if node.get("final_rank") is not None)
+            candidates = sum(1 for node in self.nodes if node.get("stage2_rank") is not None)
+            judged = min(candidates, self.settings.get("num_select", candidates))
+            how = f"stage 2: best of {finalists} eos-scored finalists, children of the top {judged} of {candidates} candidates"
+        if self.result.get("stopped"):
+            how += f" ({_plain(self.result['stopped'])})"
+        finish = FINISH_REASONS.get(self.result.get("finish_reason"), self.result.get("finish_reason"))
+        return (
+            f'<span><b>Value</b> {"none" if self.result.get("value") is None else _fmt(self.result["value"])}</span>'
+            f' <span><b>Chosen by</b> {_plain(how)}</span>'
+            f' <span><b>Finished by</b> {_plain(finish)}</span>'
+        )
+
+    def settings_html(self) -> str:
+        if not self.settings:
+            return ""
+        items = "".join(f"<dt>{_plain(k)}</dt><dd>{_plain(_setting(v))}</dd>" for k, v in self.settings.items())
+        return f'<details class="settings"><summary>Settings</summary><dl>{items}</dl></details>'
+
+    def cost_html(self) -> str:
+        if not self.cost:
+            return ""
+        items = []
+        for key, value in self.cost.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {_fmt(v)} s" for k, v in value.items())
+            items.append(f"<dt>{_plain(key.replace('_', ' '))}</dt><dd>{_plain(_setting(value))}</dd>")
+        seconds = (self.cost.get("seconds") or {}).get("total")
+        summary = f"Cost: {self.cost.get('strong_tokens_sampled', '?')} strong tokens sampled" + (
+            f", {_fmt(seconds)} s" if seconds is not None else ""
+        )
+        return f'<details class="cost"><summary>{_plain(summary)}</summary><dl>{"".join(items)}</dl></details>'
+
+    # --- main: the views -----------------------------------------------------------
+
+    def main(self) -> str:
+        views = [self.outline_view()]
+        if self.strategy == "w2s":
+            views.append(self.stage2_view())
+        elif self.strategy == "bon":
+            views.append(self.samples_view())
+        elif self.strategy == "cbs":
+            views.append(self.beams_view())
+        views.append(
+            '<section class="view" id="view-shape" aria-labelledby="h-shape" data-tab="Shape">\n'
+            '<h2 id="h-shape">Shape of the tree</h2>\n'
+            '<p class="js-only">Each node is a box under its parent, as wide as its share of the '
+            f'{"visits" if self.strategy == "w2s" else "leaves below"}; colour is the value V '
+            "(hatched: not judged). Click a box to zoom into its subtree.</p>\n"
+            '<p class="no-js">The shape view needs JavaScript.</p>\n<div id="shape"></div>\n</section>\n'
+        )
+        return (
+            '<main>\n<div class="find js-only" role="search" aria-label="Find nodes"></div>\n'
+            '<div class="layout">\n<div class="views">\n'
+            + "".join(views)
+            + '</div>\n<aside id="panel" aria-labelledby="panel-title" class="js-only">'
+            '<h2 id="panel-title">Selected node</h2></aside>\n</div>\n</main>\n'
+        )
+
+    def outline_view(self) -> str:
+        return (
+            '<section class="view" id="view-outline" aria-labelledby="h-outline" data-tab="Chosen path">\n'
+            '<h2 id="h-outline">Chosen path, one row per depth</h2>\n'
+            '<p class="hint js-only">N visits, V value, P prior, H entropy (bits), score = V + exploration bonus '
+            "(what selection compared). Expand a row (Enter, or the arrow keys) to see the other children at that depth.</p>\n"
+            f'<div id="outline-static">{self.static_path()}</div>\n<div id="outline"></div>\n</section>\n'
+        )
+
+    def static_path(self) -> str:
+        """The chosen path as nested <details>: the no-script outline."""
+        if not self.path:
+            return "<p>The tree is empty.</p>"
+        parts = []
+        for i in self.path:
+            node = self.nodes[i]
+            label = "(prompt)" if self.parent[i] < 0 else f"<span class=\"chunk\">{_text(node.get('chunk', ''))}</span>"
+            siblings = [j for j in self.children[self.parent[i]] if j != i] if self.parent[i] >= 0 else []
+            siblings.sort(key=lambda j: -(self.nodes[j].get("visits") or 0))
+            others = "".join(
+                f'<li><span class="chunk">{_text(self.nodes[j].get("chunk", ""))}</span> {self.stats(j)}</li>'
+                for j in siblings
+            )
+            parts.append(
+                f'<details open id="node-{i}"><summary>depth {self.depth[i]} {label} {self.stats(i)}</summary>'
+                + (f'<p>Other children here:</p><ul class="others">{others}</ul>' if others else "")
+            )
+        return "".join(parts) + "</details>" * len(self.path)
+
+    def stats(self, i: int) -> str:
+        node = self.nodes[i]
+        bits = [f"N {node.get('visits', 0)}", f"V {_fmt(node.get('value'))}"]
+        if node.get("terminal"):
+            bits.append(f"finished ({_plain(node.get('finish_reason') or '?')})")
+        if node.get("eos_value") is not None:
+            bits.append(f"eos V {_fmt(node['eos_value'])}")
+        return f'<span class="stats">{" · ".join(bits)}</span>'
+
+    def select_link(self, i: int, text: str) -> str:
+        return f'<a href="#node-{i}" data-node="{i}">{text}</a>'
+
+    def stage2_view(self) -> str:
+        finalists = sorted((i for i, n in enumerate(self.nodes) if n.get("final_rank") is not None), key=lambda i: self.nodes[i]["final_rank"])
+        candidates = sorted((i for i, n in enumerate(self.nodes) if n.get("stage2_rank") is not None), key=lambda i: self.nodes[i]["stage2_rank"])
+        source = self.result.get("source")
+        if not candidates:
+            why = SOURCES.get(source, source or "")
+            return (
+                '<section class="view" id="view-stage2" aria-labelledby="h-stage2" data-tab="Stage 2">\n'
+                '<h2 id="h-stage2">Stage 2</h2>\n'
+                f'<p>Stage 2 had nothing to rank. The answer came from {_plain(why)}.</p>\n</section>\n'
+            )
+        num_select = self.settings.get("num_select", len(candidates))
+        rows = []
+        for i in finalists:
+            node = self.nodes[i]
+            parent = self.nodes[self.parent[i]]
+            won = node.get("chosen") and node["final_rank"] == 1
+            rows.append(
+                f'<tr data-node="{i}"{_WINNER if won else ""}><td>{node["final_rank"]}{" ✓ answer" if won else ""}</td>'
+                f'<td>{self.select_link(i, _fmt(node.get("eos_value")))}</td>'
+                f'<td class="text">{self.answer_html(i)}</td>'
+                f'<td>{"finished" if node.get("terminal") else "unfinished"}</td>'
+                f'<td>#{parent.get("stage2_rank")}</td></tr>'
+            )
+        shown = candidates[: max(num_select, CANDIDATES_SHOWN)]
+        candidate_rows = []
+        for i in shown:
+            node = self.nodes[i]
+            bonus = None if node.get("stage2_score") is None or node.get("own_value") is None else node["stage2_score"] - node["own_value"]
+            candidate_rows.append(
+                f'<tr data-node="{i}"><td>{node["stage2_rank"]}</td>'
+                f'<td>{self.select_link(i, _fmt(node.get("stage2_score")))}</td>'
+                f'<td>{_fmt(node.get("own_value"))}</td><td>{_fmt(bonus)}</td><td>{node.get("visits", 0)}</td>'
+                f'<td>{"yes" if node["stage2_rank"] <= num_select else "no"}</td>'
+                f'<td class="text">{self.answer_html(i)}</td></tr>'
+            )
+        more = len(candidates) - len(shown)
+        return (
+            '<section class="view" id="view-stage2" aria-labelledby="h-stage2" data-tab="Stage 2">\n'
+            '<h2 id="h-stage2">Stage 2 ranking</h2>\n'
+            f"<p>After the search, every unfinished node with a finished child is a candidate ({len(candidates)}). "
+            f"Candidates are ranked by their own value + exploration bonus; the children of the top {min(num_select, len(candidates))} "
+            f"are the finalists, scored with the end of text (eos V), and the best one is the answer.</p>\n"
+            '<table id="stage2-table" class="rank"><caption>Finalists, best first</caption>'
+            '<thead><tr><th scope="col">Rank</th><th scope="col">eos V</th><th scope="col">Answer (last chunk marked)</th>'
+            '<th scope="col">State</th><th scope="col">Candidate</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>\n'
+            '<table id="candidates-table" class="rank"><caption>Candidates, ranked</caption>'
+            '<thead><tr><th scope="col">Rank</th><th scope="col">Score</th><th scope="col">Own V</th>'
+            '<th scope="col">Bonus</th><th scope="col">N</th><th scope="col">Judged</th><th scope="col">Answer so far</th></tr></thead>'
+            f'<tbody>{"".join(candidate_rows)}</tbody></table>\n'
+            + (f"<p>{more} lower-ranked candidates are not listed.</p>\n" if more > 0 else "")
+            + "</section>\n"
+        )
+
+    def samples_view(self) -> str:
+        samples = sorted(self.children[0] if self.nodes else [], key=lambda i: -_sortable(self.nodes[i].get("value")))
+        rows = []
+        for place, i in enumerate(samples, start=1):
+            node = self.nodes[i]
+            won = bool(node.get("chosen"))
+            rows.append(
+                f'<tr data-node="{i}"{_WINNER if won else ""}><td>{place}{" ✓ answer" if won else ""}</td>'
+                f'<td>{self.select_link(i, _fmt(node.get("value")))}</td><td class="text">{_text(node.get("chunk", ""))}</td>'
+                f'<td>{_plain(FINISH_REASONS.get(node.get("finish_reason"), node.get("finish_reason")))}</td></tr>'
+            )
+        return (
+            '<section class="view" id="view-samples" aria-labelledby="h-samples" data-tab="Samples">\n'
+            '<h2 id="h-samples">Best-of-N samples</h2>\n'
+            f"<p>{len(samples)} complete samples, each scored with the end of text; the highest value is the answer.</p>\n"
+            '<table id="samples-table" class="rank"><caption>Samples, best first</caption>'
+            '<thead><tr><th scope="col">Rank</th><th scope="col">V</th><th scope="col">Sample</th><th scope="col">Finished by</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>\n</section>\n'
+        )
+
+    def beams_view(self) -> str:
+        kept_at: dict[int, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for step in node.get("beam_steps") or []:
+                kept_at.setdefault(step, []).append(i)
+        rows = []
+        previous = [0] if self.nodes else []
+        for step in sorted(kept_at):
+            pool = [c for b in previous for c in (self.children[b] if not self.nodes[b].get("terminal") else [b])]
+            kept = set(kept_at[step])
+            pruned = sorted((i for i in dict.fromkeys(pool) if i not in kept), key=lambda i: -_sortable(self.nodes[i].get("value")))
+            kept_html = "".join(
+                f'<li>{self.select_link(i, "V " + _fmt(self.nodes[i].get("value")))} {self.answer_html(i, tail=80)}</li>'
+                for i in sorted(kept, key=lambda i: -_sortable(self.nodes[i].get("value")))
+            )
+            pruned_html = " · ".join(
+                f'{self.select_link(i, "V " + _fmt(self.nodes[i].get("value")))} <span class="chunk">{_text(self.nodes[i].get("chunk", ""))}</span>'
+                for i in pruned
+            )
+            rows.append(f'<tr><td>{step}</td><td><ul class="plain">{kept_html}</ul></td><td class="text">{pruned_html or "none"}</td></tr>')
+            previous = kept_at[step]
+        return (
+            '<section class="view" id="view-beams" aria-labelledby="h-beams" data-tab="Beams">\n'
+            '<h2 id="h-beams">Beams kept and pruned per step</h2>\n'
+            f"<p>Each step extends every unfinished beam by {self.settings.get('children', 'K')} chunks and keeps the "
+            f"{self.settings.get('beam_width', 'W')} with the highest value; a finished beam stays in the running.</p>\n"
+            '<table id="beams-table" class="rank"><caption>Steps</caption>'
+            '<thead><tr><th scope="col">Step</th><th scope="col">Kept (end of each beam; last chunk marked)</th>'
+            '<th scope="col">Pruned (their last chunk)</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>\n</section>\n'
+        )
+
+    def answer_html(self, i: int, tail: int | None = None) -> str:
+        """Node i's whole answer with its own chunk marked (optionally only the end)."""
+        chunks = []
+        j = i
+        while self.parent[j] >= 0:
+            chunks.append(self.nodes[j].get("chunk", ""))
+            j = self.parent[j]
+        last = chunks[0] if chunks else ""
+        before = "".join(reversed(chunks[1:]))
+        if tail is not None and len(before) > tail:
+            before = "…" + before[-tail:]
+        return f"{_text(before)}<mark>{_text(last)}</mark>"
+
+    def footer(self) -> str:
+        return (
+            "<footer>\n<p>N: visits. V: the weak models' value of the answer so far (log-likelihood ratio); "
+            "not judged: a finished answer the search valued as −∞ until stage 2. P: the strong model's prior for the chunk. "
+            "H: entropy of the strong model's next token, in bits. Score: V + exploration bonus, what selection compared "
+            "at the end of the search. eos V: the value with the end of text.</p>\n</footer>\n"
+        )
 
 
-def _header(tree: dict, layout: _Layout) -> str:
-    nodes = tree["nodes"]
-    root_visits = sum(node["visits"] for node in nodes if node["parent"] is None)
-    finished = sum(1 for node in nodes if node["terminal"])
-    facts = [
-        f"strategy: <b>{_text(tree['strategy'])}</b>",
-        f"nodes: {len(nodes)}",
-        f"depth: {layout.levels - 1}",
-        f"root visits: {root_visits}",
-        f"finished answers: {finished}",
-        _jump_links(nodes),
-    ]
-    return "\n".join(
-        [
-            "<h1>Search tree</h1>",
-            '<div class="facts">' + "".join(f"<span>{fact}</span>" for fact in facts) + "</div>",
-            "<h2>Prompt</h2>",
-            f"<pre>{_text(tree['prompt'])}</pre>",
-            "<h2>Returned answer</h2>",
-            f"<pre>{_text(tree['answer'])}</pre>",
-        ]
-    )
+# --- text helpers ---------------------------------------------------------------------
 
 
-def _jump_links(nodes: Sequence[dict]) -> str:
-    """Links that scroll the picture to the root and to the returned answer's last
-    node: a wide tree opens on its left edge, far from both."""
-    targets = [(node["id"], "root") for node in nodes if node["parent"] is None][:1]
-    chosen = [node["id"] for node in nodes if node["chosen"]]
-    if chosen:
-        # Parents come first, so the last chosen node ends the path.
-        targets.append((chosen[-1], "end of the returned answer"))
-    links = " · ".join(f'<a href="#node-{node_id}">{name}</a>' for node_id, name in targets)
-    return f"jump to: {links}" if links else ""
+def _asset(name: str) -> str:
+    return (_HERE / name).read_text(encoding="utf-8")
 
 
-def _legend(bounds: tuple[float, float] | None) -> str:
-    """Key to fill, shape, size and the red path, as a small SVG of its own."""
-    shares = [i / (len(VALUE_RAMP) - 1) for i in range(len(VALUE_RAMP))]
-    stops = "".join(f'<stop offset="{share:.2f}" stop-color="{_ramp_colour(share)}"/>' for share in shares)
-    low, high = ("–", "–") if bounds is None else (f"{bounds[0]:.2f}", f"{bounds[1]:.2f}")
-    side = RADIUS_MAX * SQUARE_SIDE_PER_RADIUS
-    return "\n".join(
-        [
-            "<h2>Legend</h2>",
-            '<svg class="legend" xmlns="http://www.w3.org/2000/svg" '
-            'width="900" height="46" viewBox="0 0 900 46">',
-            f'<defs><linearGradient id="value-ramp">{stops}</linearGradient></defs>',
-            # value scale
-            '<rect x="4" y="6" width="130" height="12" fill="url(#value-ramp)" stroke="#333"/>',
-            f'<text x="4" y="32">{_text(low)}</text>',
-            f'<text x="134" y="32" text-anchor="end">{_text(high)}</text>',
-            '<text x="69" y="44" text-anchor="middle">value (fill)</text>',
-            # unjudged
-            f'<circle class="shape" cx="168" cy="12" r="{RADIUS_MAX}" fill="{UNJUDGED_FILL}"/>',
-            '<text x="182" y="16">−∞, not judged yet</text>',
-            # terminal
-            f'<rect class="shape" x="{_px(318 - side / 2)}" y="{_px(12 - side / 2)}" '
-            f'width="{_px(side)}" height="{_px(side)}" fill="{UNJUDGED_FILL}"/>',
-            '<text x="332" y="16">finished answer (terminal)</text>',
-            # visits
-            f'<circle class="shape" cx="500" cy="12" r="{RADIUS_MIN}" fill="#fff"/>',
-            f'<circle class="shape" cx="516" cy="12" r="{RADIUS_MAX}" fill="#fff"/>',
-            '<text x="532" y="16">size: visits (log scale)</text>',
-            # chosen path
-            '<line class="edge chosen" x1="686" y1="12" x2="712" y2="12"/>',
-            '<g class="chosen"><circle class="shape" cx="720" cy="12" r="6" fill="#fff"/></g>',
-            '<text x="734" y="16">path of the returned answer</text>',
-            '<text x="168" y="40">under each node: visits, then value · hover a node for its chunk, '
-            "answer, prior, entropy</text>",
-            "</svg>",
-        ]
-    )
+def _script_json(data: dict) -> str:
+    """JSON that stays inside its <script>: ASCII only (lone surrogates, U+2028
+    included), and no <, > or & that could start a tag or a comment."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _mark(match: re.Match) -> str:
+    char = match.group(0)
+    code = f"U+{ord(char):04X}"
+    name = unicodedata.name(char, "control character")
+    return f'<span class="cc" title="{html.escape(name.lower())}">{code}</span>'
+
+
+def _text(text: str) -> str:
+    """Model text as HTML: escaped, leading/trailing and repeated spaces, newlines
+    and tabs made visible, marked characters shown as their code point."""
+    out = []
+    last = 0
+    for match in re.finditer(_MARKED.pattern + r"|\n|\t|^ +| +$| {2,}", text):
+        out.append(html.escape(text[last : match.start()]))
+        piece = match.group(0)
+        if piece == "\n":
+            out.append('<span class="nl"></span>\n')
+        elif piece == "\t":
+            out.append('<span class="tab">\t</span>')
+        elif piece.startswith(" "):
+            out.append(f'<span class="sp">{piece}</span>')
+        else:
+            out.append(_mark(match))
+        last = match.end()
+    out.append(html.escape(text[last:]))
+    return "".join(out)
+
+
+def _plain(text: Any) -> str:
+    """Short text (names, settings) escaped, marked characters shown as code points."""
+    return _MARKED.sub(lambda m: f"U+{ord(m.group(0)):04X}", html.escape(str(text)))
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(repr(v) for v in value) or "none"
+    return "none" if value is None else str(value)
+
+
+def _number(value: Any, digits: int | None) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return round(value, digits) if digits is not None and isinstance(value, float) else value
+
+
+def _sortable(value: float | None) -> float:
+    return -math.inf if value is None else value
+
+
+def _fmt(value: Any) -> str:
+    """A number as the page shows it: two decimals, −∞ for a value not judged."""
+    if value is None:
+        return "−∞ (not judged)"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
