@@ -273,11 +273,11 @@ def test_shape_view_fits_the_width_and_zooms(open_page, name, drawn_as):
 @pytest.mark.parametrize("name", ["600", "hostile", "bon", "cbs", "fallback", "real"])
 def test_axe_finds_nothing_serious(open_page, request, name):
     page = open_page(tree_named(name, request)).page
-    assert browser.axe_findings(page) == []
-    # And with the other views in use: a row expanded, the find list filled, the shape drawn.
-    page.keyboard.press("Tab")
+    # With every part of the first view in use: a row expanded, the find list filled, the panel full.
     page.click("[role=tree] > [aria-expanded=false] .row")
     page.fill("#find-text", "e")
     assert browser.axe_findings(page) == []
-    page.click("[role=tab]:has-text('Shape')")
-    assert browser.axe_findings(page) == []
+    if name == "600":  # the other views, once
+        for tab in page.locator("[role=tab]").all()[1:]:
+            tab.click()
+            assert browser.axe_findings(page) == [], tab.text_content()

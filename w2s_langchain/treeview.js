@@ -151,10 +151,16 @@
   const tree = el("ul", { role: "tree", "aria-label": "Chosen path; expand a row for the other children at its depth" });
   const rows = new Map(); // node -> its treeitem, once built
   function others(i) { return i === 0 ? [] : kids[D.parent[i]].filter((j) => j !== i); }
-  const sr = (text) => el("span", { class: "sr" }, text);
-  const shortText = (text) => el("span", { "aria-hidden": "true" }, text);
-  // A row reads "depth 3, ' comfortable', 198 visits, value 8.68, on the chosen path, ..."
-  // to a screen reader and "d 3 ' comfortable' N 198 V 8.68 ..." on screen.
+  // A row shows "d 3 ' comfortable' N 198 V 8.68 ..." and tells a screen reader
+  // "depth 3, ' comfortable', 198 visits, value 8.68, on the chosen path, ...".
+  function spoken(i) {
+    const parts = [name(i)];
+    if (i > 0 && D.prior[i] !== null) parts.push("prior " + D.prior[i].toFixed(3));
+    if (D.entropy[i] !== null) parts.push("entropy " + D.entropy[i].toFixed(2));
+    const b = bonus(i);
+    if (b !== null) parts.push("score " + fmt(D.score[i]) + " = value + bonus " + b.toFixed(2));
+    return parts.join(", ");
+  }
   function itemFor(i, level, spine, parentRow, pos, size) {
     const groupOf = spine ? others(i) : kids[i];
     const li = el("li", { role: "treeitem", id: "t-" + i, "aria-level": level, "aria-posinset": pos, "aria-setsize": size, "aria-selected": "false", tabindex: "-1", "data-node": i });
@@ -162,16 +168,13 @@
     if (onPath[i]) li.classList.add("on-path");
     if (groupOf.length) li.setAttribute("aria-expanded", "false");
     const main = el("span", { class: "main" }, i === 0 ? el("span", { class: "chunk" }, "(prompt)") : chunkEl(i));
-    if (i > 0) { main.prepend(sr("'")); main.append(sr("'")); }
-    const nums = el("span", { class: "nums" }, sr(", "),
-      shortText("N "), D.visits[i] + "", sr(" visits, value"), shortText("  V"), " " + fmt(D.value[i]),
-      sr(onPath[i] ? ", on the chosen path" : ", not chosen"));
-    for (const [cls, text] of badges(i)) main.append(sr(", "), el("span", { class: "badge " + cls }, text));
-    const extra = numsText(i).replace(/^N \S+ {2}V \S+/, "");
-    if (extra) nums.append(sr(","), extra);
+    for (const [cls, text] of badges(i)) main.append(el("span", { class: "badge " + cls }, text));
     const row = el("div", { class: "row" },
+      el("span", { class: "sr" }, spoken(i)),
       el("span", { class: "tog", "aria-hidden": "true" }, groupOf.length ? "▸" : ""),
-      el("span", { class: "dep" }, sr("depth "), shortText("d "), depth[i] + "", sr(", ")), main, nums);
+      el("span", { class: "dep", "aria-hidden": "true" }, "d " + depth[i]),
+      main, el("span", { class: "nums", "aria-hidden": "true" }, numsText(i)));
+    main.setAttribute("aria-hidden", "true");
     if (spine && groupOf.length) {
       const line = el("div", { class: "others", "aria-hidden": "true" }, "others: ");
       groupOf.slice(0, 6).forEach((j, k) => {
@@ -406,18 +409,29 @@
     el("label", null, finishedOnly, " finished only"),
     el("label", null, stage2Only, " stage 2 only"), status, results);
   const LIMIT = 50;
+  const lower = D.chunk.map((c) => c.toLowerCase());
   function runFind() {
     const q = box.value.toLowerCase();
     const min = +minVisits.value || 0;
     const filtered = min > 0 || finishedOnly.checked || stage2Only.checked;
     results.replaceChildren();
     if (!q && !filtered) { status.textContent = ""; return; }
+    // Whether each node's answer holds q, without building the answers: it does if
+    // its parent's does, or if q lies in the parent's last q.length - 1 characters
+    // and the chunk (parents come before their children).
+    const inAnswer = new Uint8Array(n), tail = new Array(n);
+    tail[0] = "";
+    if (q) for (let i = 1; i < n; i++) {
+      const p = D.parent[i], joined = tail[p] + lower[i];
+      inAnswer[i] = inAnswer[p] || joined.includes(q) ? 1 : 0;
+      tail[i] = joined.slice(-(q.length - 1) || joined.length);
+    }
     let count = 0;
     for (let i = 1; i < n; i++) {
       if (D.visits[i] < min || (finishedOnly.checked && !D.terminal[i])) continue;
       if (stage2Only.checked && D.s2rank[i] === undefined && D.final[i] === undefined) continue;
-      const inChunk = q && D.chunk[i].toLowerCase().includes(q);
-      if (q && !inChunk && !answerOf(i).toLowerCase().includes(q)) continue;
+      const inChunk = q && lower[i].includes(q);
+      if (q && !inAnswer[i]) continue;
       if (++count > LIMIT) continue;
       const b = el("button", { type: "button", "data-select": i });
       b.append("d " + depth[i] + " ");
