@@ -196,6 +196,26 @@ def test_finding_a_rejected_chunk_shows_it_and_selecting_reveals_it(open_page):
     assert "They diverge after depth" in page.text_content("#panel")
 
 
+def test_find_filters_by_visits_finished_and_stage2(open_page):
+    view = open_page(tree_named("600", None))
+    page = view.page
+    nodes = view.tree["nodes"]
+
+    def listed() -> list[dict]:
+        return [nodes[int(i)] for i in page.eval_on_selector_all("#find-results [data-select]", "els => els.map(e => e.dataset.select)")]
+
+    page.fill("#find-visits", "5")
+    assert listed() and all(n["visits"] >= 5 for n in listed())
+    page.fill("#find-visits", "0")
+    page.check("#find-finished")
+    assert listed() and all(n["terminal"] for n in listed())
+    page.uncheck("#find-finished")
+    page.check("#find-stage2")
+    in_stage2 = [n for n in nodes if n["stage2_rank"] is not None or n["final_rank"] is not None]
+    assert page.text_content("#find-status").startswith(f"{len(in_stage2)} nodes match")
+    assert all(n in in_stage2 for n in listed())
+
+
 def test_the_selected_node_is_in_the_url_fragment(open_page):
     tree = trees.w2s_tree(600)
     rejected = next(n["id"] for n in reversed(tree["nodes"]) if not n["chosen"])

@@ -494,9 +494,10 @@
         let at = x;
         for (const j of kids[i]) { const cw = s ? (w * weight[j]) / s : 0; stack.push([j, at, cw]); at += cw; }
       }
-      const rowH = Math.max(6, Math.min(22, Math.floor(560 / (maxDepth + 1))));
+      const rowH = Math.max(14, Math.min(22, Math.floor(560 / (maxDepth + 1))));
       const bar = el("div", { class: "shape-bar" },
-        el("span", null, "Showing " + (top === 0 ? "the whole tree" : "the subtree of depth " + depth[top] + " " + quoted(D.chunk[top])) + " (" + boxes.length + " boxes drawn)"));
+        el("span", null, "Showing " + (top === 0 ? "the whole tree" : "the subtree of depth " + depth[top] + " " + quoted(D.chunk[top])) + " (" + boxes.length + " boxes drawn)."),
+        el("span", null, "Colour: V from " + fmt(lo) + " (dark purple) to " + fmt(hi) + " (yellow); black outline: the chosen path."));
       if (top !== 0) {
         const up = el("button", { type: "button" }, "Zoom out");
         up.addEventListener("click", () => { this.top = D.parent[top]; this.draw(); });
@@ -532,13 +533,15 @@
         const area = el("div", { class: "icicle", role: "img", "aria-label": "Shape of the tree: " + boxes.length + " boxes; use the outline to read it" });
         area.style.position = "relative"; area.style.height = height + "px";
         for (const [i, x, w] of boxes) {
-          const b = el("div", { class: "box" + (onPath[i] ? " on-path" : "") + (D.value[i] === null ? " unjudged" : "") + (i === selected ? " selected" : ""), "data-box": i, title: name(i) });
-          b.style.cssText += ";left:" + x + "px;top:" + y(i) + "px;width:" + w + "px;height:" + rowH + "px";
-          if (D.value[i] !== null) { const [fill, ink] = colour(D.value[i]); b.style.background = fill; b.style.color = ink; }
+          const b = el("div", { class: "box" + (onPath[i] ? " on-path" : "") + (D.value[i] === null ? " unjudged" : "") + (i === selected ? " selected" : ""), "data-box": i });
+          let css = "left:" + x + "px;top:" + y(i) + "px;width:" + w + "px;height:" + rowH + "px";
+          if (D.value[i] !== null) { const [fill, ink] = colour(D.value[i]); css += ";background:" + fill + ";color:" + ink; }
+          b.style.cssText = css;
           if (w > 30 && rowH >= 14) b.textContent = i === 0 ? "(prompt)" : D.chunk[i];
           area.append(b);
         }
         area.addEventListener("click", (e) => { const b = e.target.closest("[data-box]"); if (b) pick(+b.getAttribute("data-box")); });
+        area.addEventListener("mouseover", (e) => { const b = e.target.closest("[data-box]"); if (b && !b.title) b.title = name(+b.getAttribute("data-box")); });
         host.append(area);
       }
     },

@@ -249,13 +249,12 @@ class _View:
             label = "(prompt)" if self.parent[i] < 0 else f"<span class=\"chunk\">{_text(node.get('chunk', ''))}</span>"
             siblings = [j for j in self.children[self.parent[i]] if j != i] if self.parent[i] >= 0 else []
             siblings.sort(key=lambda j: -(self.nodes[j].get("visits") or 0))
-            others = "".join(
-                f'<li><span class="chunk">{_text(self.nodes[j].get("chunk", ""))}</span> {self.stats(j)}</li>'
-                for j in siblings
+            others = "; ".join(
+                f'<span class="chunk">{_text(self.nodes[j].get("chunk", ""))}</span> {self.stats(j)}' for j in siblings
             )
             parts.append(
                 f'<details open id="node-{i}"><summary>depth {self.depth[i]} {label} {self.stats(i)}</summary>'
-                + (f'<p>Other children here:</p><ul class="others">{others}</ul>' if others else "")
+                + (f'<div class="others">others: {others}</div>' if others else "")
             )
         return "".join(parts) + "</details>" * len(self.path)
 
