@@ -129,6 +129,22 @@ def test_chunks_along_the_outline_join_to_the_answer(open_page, request, name):
     assert "".join(chunks[1:]) == tree["answer"] == "".join(header)
 
 
+def test_a_long_chosen_path_starts_with_its_first_rows_and_shows_the_rest_on_demand(open_page):
+    tree = trees.chain_tree(150)
+    page = open_page(tree).page
+    spine = "[role=tree] > [role=treeitem].on-path"
+
+    assert page.locator(spine).count() == 60
+    assert page.evaluate("document.getElementsByTagName('*').length") < 2000
+    page.click("[role=tree] > .more")
+    chunks = page.eval_on_selector_all(f"{spine} > .row .main > .chunk", "els => els.map(e => e.textContent)")
+    assert "".join(chunks[1:]) == tree["answer"] and page.locator("[role=tree] > .more").count() == 0
+    # A node past the first rows is built and shown when the address names it.
+    page.goto(page.url.split("#")[0] + "#node-300")  # the rejected sibling at depth 150
+    page.reload()
+    assert page.locator("#t-300").get_attribute("aria-selected") == "true" and page.locator("#t-300").is_visible()
+
+
 @pytest.mark.parametrize("name", ["600", "real"])
 def test_the_whole_chosen_answer_is_on_the_first_screen(open_page, request, name):
     page = open_page(tree_named(name, request)).page
@@ -194,6 +210,16 @@ def test_finding_a_rejected_chunk_shows_it_and_selecting_reveals_it(open_page):
     assert page.evaluate("location.hash") == f"#node-{hidden['id']}"
     # The panel compares it with the chosen answer.
     assert "They diverge after depth" in page.text_content("#panel")
+
+
+@pytest.mark.parametrize("name", ["600", "hostile"])
+def test_no_text_is_smaller_than_12_px(open_page, name):
+    page = open_page(tree_named(name, None)).page
+    page.click("[role=tree] > [aria-expanded=false] .row")
+    small = page.evaluate("""() => Array.from(document.querySelectorAll('body *')).filter(e =>
+        Array.from(e.childNodes).some(c => c.nodeType === 3 && c.textContent.trim()) && e.getClientRects().length
+        && !e.closest('.sr, .cc') && parseFloat(getComputedStyle(e).fontSize) < 12).map(e => e.outerHTML.slice(0, 80))""")
+    assert small == []
 
 
 def test_find_filters_by_visits_finished_and_stage2(open_page):

@@ -220,3 +220,18 @@ def base_tree() -> dict:
     nodes = [node(0, None, visits=0, value=0.0, prior=1.0, expanded_at=1),
              node(1, 0, " was long and slow, but the ending saved it.", visits=0, value=1.5, eos_value=1.5, terminal=True, finish_reason="eos")]
     return finish(nodes, "The film was", "base", "sample", 1, 1.5)
+
+
+def chain_tree(depth: int = 150) -> dict:
+    """A chosen path `depth` chunks long (one token per chunk, a long answer), one
+    rejected sibling at each depth."""
+    nodes = [node(0, None, visits=depth, value=0.0, prior=1.0, expanded_at=1)]
+    parent = 0
+    for d in range(1, depth + 1):
+        chosen = len(nodes)
+        last = d == depth
+        nodes.append(node(chosen, parent, f" w{d}" + ("." if last else ""), visits=depth - d + 1, value=d / 10,
+                          terminal=last, finish_reason="eos" if last else None, expanded_at=None if last else d + 1))
+        nodes.append(node(chosen + 1, parent, f" x{d}", visits=1, value=-d / 10))
+        parent = chosen
+    return finish(nodes, "Count", "w2s", "fallback_truncated", parent, depth / 10, iterations=depth)

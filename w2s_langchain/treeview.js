@@ -98,7 +98,7 @@
   const listeners = [];
   function select(i, opts) {
     opts = opts || {};
-    if (i < 0 || i >= n) return;
+    if (!(i >= 0 && i < n)) return;
     selected = i;
     for (const f of listeners) f(i, opts);
     const hash = "#node-" + i;
@@ -209,7 +209,28 @@
     li.querySelector(".tog").textContent = open ? "▾" : "▸";
     showBelow(li, open);
   }
-  D.path.forEach((i, k) => tree.append(itemFor(i, 1, true, null, k + 1, D.path.length)));
+  // A long chosen path starts with its first rows; a last row builds the rest.
+  const SPINE_AT_LOAD = 60;
+  let spineBuilt = 0;
+  const moreRow = el("li", { role: "treeitem", "aria-level": 1, tabindex: "-1", "aria-selected": "false", class: "more" });
+  function buildSpine(upTo) {
+    upTo = Math.min(upTo, D.path.length);
+    if (upTo <= spineBuilt) return;
+    const items = [];
+    for (let k = spineBuilt; k < upTo; k++) items.push(itemFor(D.path[k], 1, true, null, k + 1, D.path.length));
+    spineBuilt = upTo;
+    moreRow.before(...items);
+    if (spineBuilt === D.path.length) moreRow.remove();
+    else moreRow.replaceChildren(el("div", { class: "row" }, el("span"), el("span"),
+      el("span", { class: "main" }, "Show depths " + spineBuilt + " to " + (D.path.length - 1) + " of the chosen path (" + (D.path.length - spineBuilt) + " more rows)")));
+  }
+  tree.append(moreRow);
+  buildSpine(SPINE_AT_LOAD);
+  function showAllSpine() {
+    const first = spineBuilt;
+    buildSpine(D.path.length);
+    select(D.path[first], { focus: true });
+  }
   const outline = document.getElementById("outline");
   outline.append(tree);
   document.getElementById("outline-static").remove();
@@ -227,6 +248,7 @@
     const p = pathTo(i);
     let k = 0;
     while (k < p.length && onPath[p[k]]) k++;
+    buildSpine(k + 1);
     if (k === p.length) return rows.get(i);
     const spine = rows.get(D.path[k]) || rows.get(D.path[D.path.length - 1]);
     setExpanded(spine, true);
@@ -246,6 +268,7 @@
   tree.addEventListener("keydown", (e) => {
     const li = e.target.closest("[role=treeitem]");
     if (!li) return;
+    if (li === moreRow && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); showAllSpine(); return; }
     const i = +li.getAttribute("data-node");
     const expanded = li.getAttribute("aria-expanded");
     let to = null;
@@ -266,11 +289,13 @@
       select(i, { focus: true });
     } else return;
     e.preventDefault();
-    if (to) { select(+to.getAttribute("data-node"), { focus: true }); to.scrollIntoView({ block: "nearest" }); }
+    if (to === moreRow) setCurrent(moreRow, true);
+    else if (to) { select(+to.getAttribute("data-node"), { focus: true }); to.scrollIntoView({ block: "nearest" }); }
   });
   tree.addEventListener("click", (e) => {
     const li = e.target.closest("[role=treeitem]");
     if (!li) return;
+    if (li === moreRow) { showAllSpine(); return; }
     if (e.target.closest(".tog") || li.getAttribute("aria-expanded") === "false") setExpanded(li, li.getAttribute("aria-expanded") !== "true");
     select(+li.getAttribute("data-node"), { focus: true });
   });
