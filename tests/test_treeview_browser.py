@@ -68,6 +68,7 @@ class Page:
         self.tree = tree
         self.problems: list[str] = []
         self.context = chromium.new_context(viewport=SCREEN, java_script_enabled=javascript)
+        self.context.set_default_timeout(5000)  # a missing element fails the test in seconds, not 30
         self.page = self.context.new_page()
         self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
@@ -276,6 +277,19 @@ def test_per_strategy_tables(open_page):
     steps = cbs.page.locator("#beams-table tbody tr")
     assert steps.count() == cbs.tree["cost"]["iterations"]
     assert "none" not in steps.first.text_content()  # the first step prunes W x K - W chunks
+
+
+def test_a_fallback_answer_says_so_and_marks_the_nodes_it_added(open_page):
+    view = open_page(tree_named("fallback", None))
+    page = view.page
+    added = [n["id"] for n in view.tree["nodes"] if n["fallback"]]
+
+    assert "fallback: no stage-2 candidate" in page.text_content("#result-line")
+    for i in added:
+        assert "added by the fallback" in page.text_content(f"#t-{i}")
+    assert page.locator("text=added by the fallback").count() >= len(added)
+    page.click("[role=tab]:has-text('Stage 2')")
+    assert "Stage 2 had nothing to rank" in page.text_content("#view-stage2")
 
 
 def test_without_javascript_the_path_and_the_candidates_are_there(open_page):
