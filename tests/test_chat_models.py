@@ -146,3 +146,12 @@ def test_traces_name_the_strong_model(make_chat, tiny_models):
     chat = make_chat()
     assert chat.invoke("Hi").response_metadata["model_name"] == tiny_models.tiny_a.name
     assert chat._get_ls_params()["ls_model_name"] == tiny_models.tiny_a.name
+
+
+@pytest.mark.packaged
+def test_the_readme_chat_example_answers_in_whole_characters(packaged_models):
+    """README's chat example (seed 0) used to sample a lone UTF-8 continuation
+    byte and print "unw\ufffdkinate"."""
+    chat = ChatW2SAligned(preset="chat", n_threads=1)
+    answer = chat.invoke([("system", "Answer briefly."), ("human", "What should I cook tonight?")]).content
+    assert len(answer) > 10 and "\ufffd" not in answer

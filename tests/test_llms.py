@@ -498,3 +498,18 @@ def test_a_timeout_holds_while_the_models_read_a_long_prompt(packaged_models):
         llm.invoke(long_prompt)
     # Within one piece of a decode (32 tokens) and the release, with room for a busy machine.
     assert time.perf_counter() - begin < 0.5 + 0.4
+
+
+
+def test_an_answer_is_always_valid_utf8(make_llm):
+    """The tiny models' byte-level vocabularies hold every lone byte, and their
+    random weights sample them freely (hot and untruncated here): a token that
+    cannot continue the answer's bytes into valid UTF-8 is never drawn, so no
+    answer shows U+FFFD (a broken character), however it ends: end of
+    generation, the token limit (a character it would cut is dropped), a stop."""
+    sampled = make_llm(strategy="base", temperature=3.0, top_k=0)
+    answers = [sampled.invoke(PROMPT, seed=seed, max_tokens=n) for seed in range(12) for n in (1, 2, 12)]
+    searched = make_llm(temperature=3.0, top_k=0) | StrOutputParser()
+    answers += [searched.invoke(PROMPT, seed=seed) for seed in range(4)]
+    assert sum(len(a.encode()) for a in answers) > 200
+    assert [a for a in answers if "\ufffd" in a] == []
