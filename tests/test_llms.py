@@ -513,3 +513,24 @@ def test_an_answer_is_always_valid_utf8(make_llm):
     answers += [searched.invoke(PROMPT, seed=seed) for seed in range(4)]
     assert sum(len(a.encode()) for a in answers) > 200
     assert [a for a in answers if "\ufffd" in a] == []
+
+
+def test_progress_ends_with_a_done_event_when_the_search_ends_early(make_llm):
+    """A tree that runs out of unfinished leaves (every child of the root ends
+    within its first chunk) ends the search before its 40 iterations, and beams
+    may all finish before max_tokens: the last event says the search is done."""
+    recorder = Recorder()
+    make_llm(iterations=40, max_tokens=3).invoke(PROMPT, config={"callbacks": [recorder]})
+    progress = recorder.of("w2s_progress")
+    assert progress[0]["total"] == 40 > progress[-2]["done"]
+    assert progress[-1]["done"] == progress[-1]["total"] == progress[-2]["done"]
+    for seed in range(4):
+        recorder = Recorder()
+        make_llm(strategy="cbs", max_tokens=30, seed=seed).invoke(PROMPT, config={"callbacks": [recorder]})
+        assert recorder.of("w2s_progress")[-1]["done"] == recorder.of("w2s_progress")[-1]["total"]
+
+
+def test_a_timeout_before_any_answer_says_so_when_partial_answer_is_set(make_llm):
+    with pytest.raises(SearchTimeoutError, match="before it had any answer, so partial_answer had none") as caught:
+        make_llm(**ENDLESS, timeout=1e-6, partial_answer=True).invoke(PROMPT)
+    assert "set `partial_answer`" not in str(caught.value)

@@ -10,13 +10,22 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManager, CallbackManagerForLLMRun
 
 from .aligned_search import AlignedSearch, in_thread
-from .aligned_settings import search_overrides
+from .aligned_settings import ALIASES, search_overrides
 from .prompts import Prompt
 from .search import SearchResult
 
 
 class LangChainAligned(AlignedSearch):
     """The aligned search as a LangChain language model."""
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` for the strong model's tokenizer (not GPT-2's)."""
+        return self._strong_model().tokenize(text)
+
+    def configurable_fields(self, **fields: Any) -> Any:
+        """LangChain's `configurable_fields`, with a setting's usual name accepted
+        (`max_tokens` configures `max_new_tokens`)."""
+        return super().configurable_fields(**{ALIASES.get(name, name): field for name, field in fields.items()})
 
     def _search_for_run(
         self, prompt: Prompt, stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]

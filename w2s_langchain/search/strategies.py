@@ -54,9 +54,32 @@ def search(
     check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
-    run = _Run(models, prompt, settings, progress or (lambda done, total, what: None), cancel, started)
+    reported = _ReportedProgress(progress)
+    run = _Run(models, prompt, settings, reported, cancel, started)
     with run.active():
-        return _STRATEGIES[settings.strategy](run)
+        result = _STRATEGIES[settings.strategy](run)
+    reported.finish()
+    return result
+
+
+class _ReportedProgress:
+    """The caller's progress callback, and the promise its last event keeps: a
+    search that ends sooner than its total (it ran out of tree, or all its
+    beams finished) says so with a last event whose done equals its total."""
+
+    def __init__(self, progress: Progress | None):
+        self._progress = progress
+        self._last: tuple[int, int, str] | None = None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        self._last = (done, total, what)
+        if self._progress is not None:
+            self._progress(done, total, what)
+
+    def finish(self) -> None:
+        if self._last is not None and self._last[0] != self._last[1]:
+            done, _, what = self._last
+            self(done, done, what)
 
 
 class _Run:
@@ -215,6 +238,12 @@ def stop_check(
         if cancel is not None and cancel.is_set():
             raise SearchCancelledError("the search was cancelled")
         if deadline is not None and time.perf_counter() > deadline:
+            if settings.partial_answer:  # raised only when the search had nothing to answer with yet
+                raise SearchTimeoutError(
+                    f"the search ran past its timeout of {settings.timeout} s before it had any answer, so "
+                    "partial_answer had none to return (it returns the best one a w2s or cbs search has found): "
+                    "raise `timeout` or lower the budget (iterations, samples, max_new_tokens)"
+                )
             raise SearchTimeoutError(
                 f"the search ran past its timeout of {settings.timeout} s: raise `timeout`, lower the budget "
                 "(iterations, samples, max_new_tokens), or set `partial_answer` to get the best answer found so far"
