@@ -106,7 +106,7 @@ def allowed_after(pieces: list[bytes], answer: bytes) -> set[bytes]:
     from w2s_langchain.engine.sampling import Utf8Guard
 
     every = np.arange(len(pieces))
-    blocked = set(Utf8Guard(len(pieces), pieces.__getitem__).blocked(answer, every).tolist())
+    blocked = set(Utf8Guard(len(pieces)).blocked(answer, every, pieces.__getitem__).tolist())
     return {pieces[t] for t in every if t not in blocked}
 
 

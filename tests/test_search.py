@@ -444,7 +444,7 @@ def test_token_budget_stops_the_tree_search_once_spent(tiny_models):
     # expanded is in the free tree too (the last expansion's chunks were cut short).
     free_answers = {n.chunk.text for n in free.tree.walk()}
     expanded = [n.chunk.text for n in capped.tree.walk() if n.children]
-    assert len(expanded) > 3 and set(expanded) <= free_answers
+    assert len(expanded) >= 3 and set(expanded) <= free_answers
 
 
 def test_a_search_frees_every_branch(tiny_models):

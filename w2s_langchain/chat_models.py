@@ -24,7 +24,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field
 
-from .aligned_search import generation_info, stream_pieces
+from .aligned_search import StreamPiece, generation_info, stream_pieces
 from .langchain_aligned import LangChainAligned
 from .prompts import Message, render
 from .search import SearchResult
@@ -199,22 +199,26 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
     def _stream(
         self, messages: list[BaseMessage], stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> Iterator[ChatGenerationChunk]:
-        """Search progress goes to the callbacks as "w2s_progress" custom events;
-        then the answer comes in pieces of a few words, the last one carrying the
-        usage and the search's report (langchain-core sends them to the callbacks)."""
+        """Search progress goes to the callbacks as "w2s_progress" custom events.
+        A streaming search (`commit_every`) hands on each chunk of the answer as it
+        commits it; the rest (all of it, for the whole-tree search) comes in pieces
+        of a few words, the last one carrying the usage and the search's report
+        (langchain-core sends them to the callbacks)."""
         run = run_manager or _stream_run.get()
         _stream_run.set(None)  # taken: no later call may report to this run
-        yield from self._chunks(self._search_for_run(self._conversation(messages), stop, run, kwargs))
+        for piece in self._pieces_for_run(self._conversation(messages), stop, run, kwargs):
+            yield self._chunk(piece)
 
     def _chunks(self, result: SearchResult) -> list[ChatGenerationChunk]:
         """The answer in pieces of a few words; the last carries the usage and the search's report."""
-        chunks = []
-        for piece in stream_pieces(result):
-            message = AIMessageChunk(
-                content=piece.text,
-                usage_metadata=self._usage(result) if piece.last else None,
-                response_metadata={"model_name": self._model_name, "finish_reason": result.finish_reason} if piece.last else {},
-                chunk_position="last" if piece.last else None,
-            )
-            chunks.append(ChatGenerationChunk(message=message, generation_info=piece.report))
-        return chunks
+        return [self._chunk(piece) for piece in stream_pieces(result)]
+
+    def _chunk(self, piece: StreamPiece) -> ChatGenerationChunk:
+        result = piece.result
+        message = AIMessageChunk(
+            content=piece.text,
+            usage_metadata=self._usage(result) if result else None,
+            response_metadata={"model_name": self._model_name, "finish_reason": result.finish_reason} if result else {},
+            chunk_position="last" if result else None,
+        )
+        return ChatGenerationChunk(message=message, generation_info=piece.report)

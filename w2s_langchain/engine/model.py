@@ -402,7 +402,7 @@ class Model:
     @functools.cached_property
     def utf8_guard(self) -> Utf8Guard:
         """Which tokens may follow an answer's bytes and keep it valid UTF-8."""
-        return Utf8Guard(self.n_vocab, self.token_bytes)
+        return Utf8Guard(self.n_vocab)
 
     def token_text(self, token: int) -> str:
         """A token's text in the vocabulary, special tokens included ("<|im_end|>")."""

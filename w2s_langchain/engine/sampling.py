@@ -154,11 +154,11 @@ class Utf8Guard:
     it and whose other bytes are valid again. A token that adds no bytes (end of
     generation) cannot finish a character, so it waits for the character's end.
 
-    Each token is read from `token_bytes` the first time it is a candidate, so a
-    served model's vocabulary is only learned as far as the server offers it."""
+    Each token is read (`token_bytes`) the first time it is a candidate, so a
+    served model's vocabulary is only learned as far as the server offers it.
+    The guard holds no reference to the model, which keeps it (no cycle)."""
 
-    def __init__(self, n_vocab: int, token_bytes: Callable[[int], bytes]):
-        self._token_bytes = token_bytes
+    def __init__(self, n_vocab: int):
         self._known = np.zeros(n_vocab, dtype=bool)
         self._first = np.zeros(n_vocab, dtype=np.int16)
         """The token's first byte (-1: no bytes)."""
@@ -169,11 +169,11 @@ class Utf8Guard:
         self._sound = np.zeros(n_vocab, dtype=bool)
         """The bytes after the leading continuation bytes are valid UTF-8 (maybe ending inside a character)."""
 
-    def blocked(self, answer: bytes, candidates: np.ndarray) -> np.ndarray:
+    def blocked(self, answer: bytes, candidates: np.ndarray, token_bytes: Callable[[int], bytes]) -> np.ndarray:
         """The candidates (token ids) that cannot follow `answer`. When that would
         be all of them, inside a character: only those whose bytes break it (the
         answer then ends there, and its unfinished character is dropped)."""
-        self._learn(candidates[~self._known[candidates]])
+        self._learn(candidates[~self._known[candidates]], token_bytes)
         first, leading = self._first[candidates], self._leading[candidates]
         sound, only_leading = self._sound[candidates], self._only_leading[candidates]
         pending = incomplete_character(answer)
@@ -186,9 +186,9 @@ class Utf8Guard:
             return candidates[~continues]
         return candidates[(first >= 0) & ~continues]
 
-    def _learn(self, tokens: np.ndarray) -> None:
+    def _learn(self, tokens: np.ndarray, token_bytes: Callable[[int], bytes]) -> None:
         for token in tokens.tolist():
-            piece = self._token_bytes(token)
+            piece = token_bytes(token)
             leading = len(piece) - len(piece.lstrip(bytes(range(0x80, 0xC0))))
             self._first[token] = piece[0] if piece else -1
             self._leading[token] = min(leading, 4)

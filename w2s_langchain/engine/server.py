@@ -245,7 +245,7 @@ class ServerModel:
     def utf8_guard(self) -> Utf8Guard:
         """Which tokens may follow an answer's bytes and keep it valid UTF-8 (learned
         from the tokens the server offers, whose bytes it sent)."""
-        return Utf8Guard(self.n_vocab, self.token_bytes)
+        return Utf8Guard(self.n_vocab)
 
     def learn(self, offered: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """The ids and log-probs of one position's `top_logprobs`, keeping each

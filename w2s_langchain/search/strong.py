@@ -134,7 +134,7 @@ class StrongModel:
         never a marker token, and never one that would make the answer's bytes
         invalid UTF-8 (inside a character, only tokens that continue it)."""
         candidates = np.flatnonzero(np.isfinite(row))
-        blocked = self.model.utf8_guard.blocked(answer, candidates)
+        blocked = self.model.utf8_guard.blocked(answer, candidates, self.model.token_bytes)
         return warp(row, self.sampling, np.concatenate([self.model.never_sampled, blocked]))
 
     def release(self, chunk: Chunk) -> None:
