@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from pydantic import PrivateAttr
 
 from .aligned_settings import AlignedModelSettings, search_overrides
-from .aligner import Aligner, AlignerConfig, load_named_model
+from .aligner import Aligner, AlignerConfig, load_named_model, prompt_room
 from .engine import Model
 from .engine.server import ServerModel
 from .prompts import Prompt
@@ -92,6 +92,15 @@ class AlignedSearch(AlignedModelSettings):
     def get_num_tokens(self, text: str) -> int:
         """Tokens of `text` for the strong model's tokenizer."""
         return len(self._strong_model().tokenize(text))
+
+    def context_window(self) -> int:
+        """Tokens a call can really use, prompt and answer together: the longest
+        prompt whose search keeps its whole tree resident in every context
+        (`aligner.prompt_room`), plus max_new_tokens. Loads the models (or asks
+        the strong model's server). A RAG pipeline should fill no more than this
+        minus max_new_tokens with retrieved text."""
+        config = self._config
+        return prompt_room(config) + config.search.max_new_tokens
 
     def _strong_model(self) -> Model | ServerModel:
         """The strong model (loaded on first use, or asked of its server; shared)."""

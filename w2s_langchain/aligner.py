@@ -444,10 +444,14 @@ class Aligner:
                     f"answer of up to {need.path_tokens} tokens per role ({answer}); it can have at most {largest} "
                     f"({_limit_source(context, self.config.runtime)}). {_OVERFLOW_ADVICE}"
                 )
+            if not isinstance(context, Context):  # a server's slot re-reads what it lacks: no tree to keep
+                continue
             wanted = _rounded_n_ctx(min(largest, need.working_set))
-            if wanted > context.n_ctx and isinstance(context, Context) and self.config.runtime.n_ctx is None:
-                self._replace_context(models, context, self.config.runtime.new_context(context.model, wanted))
-            elif need.working_set > context.n_ctx and id(context) not in self._warned:
+            if wanted > context.n_ctx and self.config.runtime.n_ctx is None:
+                grown = self.config.runtime.new_context(context.model, wanted)
+                self._replace_context(models, context, grown)
+                context = grown
+            if need.working_set > context.n_ctx and id(context) not in self._warned:
                 self._warned.add(id(context))
                 warnings.warn(
                     f"this search's tree needs about {need.working_set} tokens of context to stay resident in "
@@ -470,7 +474,7 @@ class Aligner:
 
 def _limit_source(context: Context | ServerContext, runtime: Runtime) -> str:
     if isinstance(context, ServerContext):
-        return "a slot of the llama-server: its -c divided by its --parallel"
+        return "a slot of the llama-server"
     if runtime.n_ctx is not None:
         return f"n_ctx={runtime.n_ctx}"
     return "the model's training context"

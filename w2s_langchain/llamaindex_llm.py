@@ -30,7 +30,6 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from pydantic import ConfigDict, Field
 
 from .aligned_search import AlignedSearch, generation_info, in_thread, iterate_in_thread
-from .aligner import prompt_room
 from .prompts import Message
 
 _ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
@@ -62,13 +61,12 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """With the context window a search can really use: the longest prompt whose
-        search keeps its whole tree resident (`aligner.prompt_room`), plus the
-        answer (LlamaIndex takes `num_output` back out of it). Loads the models,
-        or asks the strong model's server."""
+        """With the context window a search can really use (`context_window()`:
+        LlamaIndex takes `num_output` back out of it for the prompt). Loads the
+        models, or asks the strong model's server."""
         config = self._config
         return LLMMetadata(
-            context_window=prompt_room(config) + config.search.max_new_tokens,
+            context_window=self.context_window(),
             num_output=config.search.max_new_tokens,
             is_chat_model=config.strong.prompt.format == "chat",
             model_name=self._model_name,
