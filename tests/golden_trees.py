@@ -2,7 +2,9 @@
 leaf parallelism existed, so that one leaf per step can be held to exactly that.
 
 tests/data/w2s_trees.json was written by this module on commit 3c8f724 (the code
-before `parallel_leaves`), from the repository root:
+before `parallel_leaves`), and written again when the sampler stopped drawing
+tokens that break an answer's UTF-8 (which changes what the tiny byte-level
+models sample), from the repository root:
 
     PYTHONPATH=.:tests python tests/golden_trees.py
 

@@ -146,3 +146,61 @@ def test_traces_name_the_strong_model(make_chat, tiny_models):
     chat = make_chat()
     assert chat.invoke("Hi").response_metadata["model_name"] == tiny_models.tiny_a.name
     assert chat._get_ls_params()["ls_model_name"] == tiny_models.tiny_a.name
+
+
+@pytest.mark.packaged
+def test_the_readme_chat_example_answers_in_whole_characters(packaged_models):
+    """README's chat example (seed 0) used to sample a lone UTF-8 continuation
+    byte and print "unw\ufffdkinate"."""
+    chat = ChatW2SAligned(preset="chat", n_threads=1)
+    answer = chat.invoke([("system", "Answer briefly."), ("human", "What should I cook tonight?")]).content
+    assert len(answer) > 10 and "\ufffd" not in answer
+
+
+def test_the_chat_model_defaults_to_the_chat_preset_and_says_when_a_preset_reads_plain_text(make_chat):
+    """ChatW2SAligned() used to start from "sentiment" (a base model continuing
+    reviews), and answered "Name a fruit." with a made-up transcript."""
+    assert ChatW2SAligned().preset == "chat"
+    assert ChatW2SAligned()._config.strong.prompt.format == "chat"
+    chat = make_chat(strong_prompt={"format": "plain"})
+    with pytest.warns(UserWarning, match='reads plain text.*transcript.*preset="chat"'):
+        assert chat.invoke([HumanMessage("Hi")]).content
+
+
+def test_chat_messages_with_a_role_name_are_accepted(make_chat):
+    from langchain_core.messages import ChatMessage
+
+    roles = [ChatMessage(role=r, content="x") for r in ("system", "developer", "user", "human", "assistant", "ai")]
+    assert [m["role"] for m in to_conversation(roles)] == ["system", "system", "user", "user", "assistant", "assistant"]
+    chat = make_chat()
+    assert chat.invoke([ChatMessage(role="user", content="Hi")]).content == chat.invoke([HumanMessage("Hi")]).content
+    with pytest.raises(ValueError, match="role 'tool' is not supported"):
+        chat.invoke([ChatMessage(role="tool", content="3")])
+
+
+def test_a_setting_assigned_after_construction_is_checked_there(make_chat):
+    chat = make_chat()
+    with pytest.raises(ValueError, match="iterations must be a whole number >= 1, got -3"):
+        chat.iterations = -3
+    assert chat.iterations == 4  # the refused value left nothing behind
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        chat.max_tokens = 0
+    assert chat.max_tokens == 9 and chat.invoke("Hi").content
+
+
+def test_max_tokens_is_configurable_and_given_twice_must_agree(make_chat, tiny_models):
+    from langchain_core.runnables import ConfigurableField
+
+    chat = make_chat()
+    configurable = chat.configurable_fields(max_tokens=ConfigurableField(id="answer_length"))
+    short = configurable.with_config(configurable={"answer_length": 2}).invoke("Hi")
+    assert short.response_metadata["settings"]["max_new_tokens"] == 2 and short.usage_metadata["output_tokens"] <= 2
+    with pytest.raises(ValueError, match="max_tokens=5 and max_new_tokens=6 disagree: give one of them"):
+        make_chat(max_tokens=5, max_new_tokens=6)
+    assert make_chat(max_tokens=5, max_new_tokens=5).max_new_tokens == 5
+
+
+def test_token_ids_are_the_strong_models(make_chat, tiny_models):
+    from w2s_langchain.engine import load_model
+
+    assert make_chat().get_token_ids("Hello there") == load_model(tiny_models.tiny_a).tokenize("Hello there")

@@ -20,8 +20,17 @@ def llm(tiny_models):
     )
 
 
-def test_metadata_reports_the_real_context_and_chat_format(llm):
-    assert llm.metadata.context_window == 512
+def test_metadata_reports_the_context_a_search_can_use_and_chat_format(llm, tiny_models):
+    """Of n_ctx=512, the tree takes 4 iterations x 3 children x 3 tokens and the
+    "finish" fallback's 3 x 9 (the chat preset's children and fallback), and the
+    chat template its own tokens: the rest is the prompt's; LlamaIndex takes the
+    answer's 9 back out of the window."""
+    from w2s_langchain.engine import load_model
+    from w2s_langchain.prompts import PromptFormat, render
+
+    strong = load_model(tiny_models.tiny_a)
+    template = len(render(strong, PromptFormat(format="chat"), "").tokenize_with(strong, ""))
+    assert llm.metadata.context_window == 512 - 4 * 3 * 3 - 3 * 9 - template + 9
     assert llm.metadata.num_output == 9
     assert llm.metadata.is_chat_model
 
@@ -81,3 +90,8 @@ def test_max_tokens_and_other_settings_per_call(llm):
     assert llm.chat(CONVERSATION, max_tokens=3).raw["settings"]["max_new_tokens"] == 3
     assert llm.complete("Once upon a time").raw["settings"]["max_new_tokens"] == 9  # the call changed nothing
     assert llm.metadata.model_name == "tiny_a.gguf"  # the strong model's
+
+
+def test_class_name_is_the_class(llm):
+    assert llm.class_name() == "W2SAlignedLlamaIndexLLM"
+    assert llm.to_dict()["class_name"] == "W2SAlignedLlamaIndexLLM"

@@ -226,8 +226,11 @@ def test_bad_input_is_refused_before_any_search_and_the_instance_stays_usable(ma
         llm.invoke(PROMPT, stop="abc")
     with pytest.raises(ValueError, match="empty"):
         llm.invoke("   ")
-    with pytest.raises(ValueError, match="do not fit the context"):
+    with pytest.raises(ValueError, match=r"needs at least 616 tokens of context in tiny_c.gguf.*at most 512 \(n_ctx=512"):
         llm.invoke(PROMPT, max_new_tokens=600)  # n_ctx is 512
+    # A weak model with another tokenizer is allowed twice the answer's tokens, and told why.
+    with pytest.raises(ValueError, match=r"in tiny_a.gguf .*up to 600 tokens per role \(twice max_new_tokens: a weak model "):
+        llm.invoke(PROMPT, max_new_tokens=300)
     with pytest.raises(Exception, match="w2s-models pull"):
         make_llm(strong="qwen2.5-coder-1.5b-instruct").invoke(PROMPT)
     assert llm.invoke(PROMPT)  # still usable
@@ -466,11 +469,11 @@ def test_a_timeout_counts_the_time_spent_waiting_for_another_search(make_llm):
     assert waited < 0.3 + 0.3
 
 
-def test_a_context_too_small_for_the_search_is_said_once(make_llm):
+def test_a_context_too_small_for_the_search_is_said_once_before_it_starts(make_llm):
     llm = make_llm(n_ctx=100, **LONG_SEARCH)
-    with pytest.warns(RuntimeWarning, match=r"holds 256 tokens \(n_ctx=100, which llama.cpp rounds up") as caught:
+    with pytest.warns(RuntimeWarning, match=r"tree needs about \d+ tokens of context .*the context holds 256 \(n_ctx=100\)") as caught:
         llm.invoke(PROMPT)
-    assert "Raise n_ctx (e.g. to 512)" in str(caught[0].message)
+    assert "leave n_ctx unset" in str(caught[0].message) and len(caught) == 3  # the 3 contexts, each once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         llm.invoke(PROMPT)  # once: no second warning
@@ -498,3 +501,39 @@ def test_a_timeout_holds_while_the_models_read_a_long_prompt(packaged_models):
         llm.invoke(long_prompt)
     # Within one piece of a decode (32 tokens) and the release, with room for a busy machine.
     assert time.perf_counter() - begin < 0.5 + 0.4
+
+
+
+def test_an_answer_is_always_valid_utf8(make_llm):
+    """The tiny models' byte-level vocabularies hold every lone byte, and their
+    random weights sample them freely (hot and untruncated here): a token that
+    cannot continue the answer's bytes into valid UTF-8 is never drawn, so no
+    answer shows U+FFFD (a broken character), however it ends: end of
+    generation, the token limit (a character it would cut is dropped), a stop."""
+    sampled = make_llm(strategy="base", temperature=3.0, top_k=0)
+    answers = [sampled.invoke(PROMPT, seed=seed, max_tokens=n) for seed in range(12) for n in (1, 2, 12)]
+    searched = make_llm(temperature=3.0, top_k=0) | StrOutputParser()
+    answers += [searched.invoke(PROMPT, seed=seed) for seed in range(4)]
+    assert sum(len(a.encode()) for a in answers) > 200
+    assert [a for a in answers if "\ufffd" in a] == []
+
+
+def test_progress_ends_with_a_done_event_when_the_search_ends_early(make_llm):
+    """A tree that runs out of unfinished leaves (every child of the root ends
+    within its first chunk) ends the search before its 40 iterations, and beams
+    may all finish before max_tokens: the last event says the search is done."""
+    recorder = Recorder()
+    make_llm(iterations=40, max_tokens=3).invoke(PROMPT, config={"callbacks": [recorder]})
+    progress = recorder.of("w2s_progress")
+    assert progress[0]["total"] == 40 > progress[-2]["done"]
+    assert progress[-1]["done"] == progress[-1]["total"] == progress[-2]["done"]
+    for seed in range(4):
+        recorder = Recorder()
+        make_llm(strategy="cbs", max_tokens=30, seed=seed).invoke(PROMPT, config={"callbacks": [recorder]})
+        assert recorder.of("w2s_progress")[-1]["done"] == recorder.of("w2s_progress")[-1]["total"]
+
+
+def test_a_timeout_before_any_answer_says_so_when_partial_answer_is_set(make_llm):
+    with pytest.raises(SearchTimeoutError, match="before it had any answer, so partial_answer had none") as caught:
+        make_llm(**ENDLESS, timeout=1e-6, partial_answer=True).invoke(PROMPT)
+    assert "set `partial_answer`" not in str(caught.value)

@@ -99,3 +99,30 @@ def test_a_sparse_row_warps_like_its_drawable_tokens_alone(top_k):
     alone = warp(row[drawable], settings)
     np.testing.assert_array_equal(sparse.tokens, drawable[alone.tokens])
     np.testing.assert_allclose(sparse.probs, alone.probs, rtol=1e-12)
+
+
+
+def allowed_after(pieces: list[bytes], answer: bytes) -> set[bytes]:
+    from w2s_langchain.engine.sampling import Utf8Guard
+
+    every = np.arange(len(pieces))
+    blocked = set(Utf8Guard(len(pieces)).blocked(answer, every, pieces.__getitem__).tolist())
+    return {pieces[t] for t in every if t not in blocked}
+
+
+def test_utf8_guard_lets_only_valid_continuations_through():
+    from w2s_langchain.engine.sampling import incomplete_character, whole_characters
+
+    pieces = [b"a", b"\xab", b"\xe2", b"\x82", b"\xac!", b"\xac\xac", b"", b"\xe2\x82", b"\xed\xa0", b"\xff", b" \xc3"]
+    # After whole characters: tokens valid on their own (ending inside a character is fine).
+    assert allowed_after(pieces, b"ok") == {b"a", b"\xe2", b"", b"\xe2\x82", b" \xc3"}
+    # Inside a 3-byte character: continuation bytes only, as many as it lacks, then
+    # valid bytes again; no empty token (the text may not end mid-character).
+    assert allowed_after(pieces, b"ok\xe2") == {b"\xab", b"\x82", b"\xac\xac"}
+    assert allowed_after(pieces, b"ok\xe2\x82") == {b"\xab", b"\x82", b"\xac!"}
+    # After \xed the next byte is 80..9F (no surrogates).
+    assert allowed_after(pieces, b"\xed") == {b"\x82"}
+    # Nothing can continue: the text may end there (its broken character is then dropped).
+    assert allowed_after([b"a", b"", b"\xe2"], b"\xe2") == {b""}
+    assert incomplete_character(b"ok\xe2\x82") == b"\xe2\x82" and whole_characters(b"ok\xe2\x82") == b"ok"
+    assert incomplete_character("ok\u20ac".encode()) == b"" and incomplete_character(b"\x82") == b""

@@ -22,7 +22,7 @@ from w2s_langchain.engine import context as context_module
 from w2s_langchain.errors import ContextOverflowError, SearchCancelledError, SearchTimeoutError
 from w2s_langchain.prompts import PromptFormat
 from w2s_langchain.search import Proxy, SearchModels, SearchSettings, StrongModel, WeakScorer, search, strategies
-from w2s_langchain.search.strong import _ends_inside_a_character
+from w2s_langchain.engine.sampling import incomplete_character
 from w2s_langchain.search.tree import NEG_INF, select_leaves
 
 PROMPT = "Once upon a time"
@@ -139,7 +139,8 @@ def test_priors_are_the_geometric_mean_of_warped_probabilities(tiny_models):
     result, models = run(tiny_models, iterations=6, max_new_tokens=40)
     strong = models.strong
     sampling = SearchSettings(**SMALL).sampling
-    prompt_tokens = StrongModel(strong, PromptFormat(), sampling, 40).prompt_tokens(PROMPT)
+    sampler = StrongModel(strong, PromptFormat(), sampling, 40)
+    prompt_tokens = sampler.prompt_tokens(PROMPT)
     fresh = Context(strong.model, n_ctx=512, n_threads=1)
     checked = 0
     for node in result.tree.walk():
@@ -151,7 +152,8 @@ def test_priors_are_the_geometric_mean_of_warped_probabilities(tiny_models):
             branch = fresh.new_branch(prompt_tokens + node.chunk.tokens[:i])
             (row,) = fresh.next_logits([branch])
             fresh.release(branch)
-            probs.append(warp(row, sampling, strong.model.never_sampled).prob(node.chunk.tokens[i]))
+            answer = strong.model.detokenize(node.chunk.tokens[:i])
+            probs.append(sampler.distribution(row, answer).prob(node.chunk.tokens[i]))
         assert node.prior == pytest.approx(math.exp(np.mean(np.log(probs))), rel=1e-3)
         assert node.prior < 1.0
         checked += 1
@@ -449,7 +451,7 @@ def test_token_budget_stops_the_tree_search_once_spent(tiny_models):
     # expanded is in the free tree too (the last expansion's chunks were cut short).
     free_answers = {n.chunk.text for n in free.tree.walk()}
     expanded = [n.chunk.text for n in capped.tree.walk() if n.children]
-    assert len(expanded) > 3 and set(expanded) <= free_answers
+    assert len(expanded) >= 3 and set(expanded) <= free_answers
 
 
 def test_a_search_frees_every_branch(tiny_models):
@@ -464,7 +466,7 @@ def test_chunks_never_end_inside_a_character(tiny_models):
     result, _ = run(tiny_models, iterations=20, max_new_tokens=40)
     for node in result.tree.walk():
         if not node.terminal and node.chunk.n_new <= SMALL["chunk_tokens"] + 3:
-            assert not _ends_inside_a_character(node.chunk.answer)
+            assert not incomplete_character(node.chunk.answer)
 
 
 # --- leaf parallelism -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, get_args
 
-from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from .aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
 from .declared_settings import declared_settings
@@ -21,7 +21,7 @@ from .search import SearchSettings
 
 # The names LangChain and LlamaIndex users pass for a search setting (LlamaCpp,
 # ChatOllama and OpenAI all call it `max_tokens`).
-_ALIASES = {"max_tokens": "max_new_tokens"}
+ALIASES = {"max_tokens": "max_new_tokens"}
 _ROLES = ("strong", "weak", "weak_ref")
 
 
@@ -29,7 +29,7 @@ def setting_fields(declaration: type) -> dict[str, Any]:
     """The component fields of a settings dataclass, for `pydantic.create_model`:
     each an optional override (None keeps the preset's value), described by the
     setting's docstring."""
-    alias_of = {name: alias for alias, name in _ALIASES.items()}
+    alias_of = {name: alias for alias, name in ALIASES.items()}
     return {
         s.name: (Optional[s.type], Field(default=None, alias=alias_of.get(s.name), description=s.doc, repr=not s.secret))
         for s in declared_settings(declaration)
@@ -40,7 +40,7 @@ def search_overrides(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """A call's keyword settings under their search names (`max_tokens` is
     `max_new_tokens`); names and values are checked by `SearchSettings.with_`."""
     overrides = dict(kwargs)
-    for alias, name in _ALIASES.items():
+    for alias, name in ALIASES.items():
         if alias in overrides:
             value = overrides.pop(alias)
             if overrides.get(name, value) != value:
@@ -52,7 +52,8 @@ def search_overrides(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 class _ComponentFields(BaseModel):
     """The fields that are not declared settings (the preset, the models and how
     each sees the prompt, streaming, the name in traces), and the config all the
-    fields make."""
+    fields make. Fields are checked when set after construction too
+    (`chat.iterations = -3` is refused there, and the old value stays)."""
 
     preset: str = Field(DEFAULT_PRESET, description="Preset name or path of a preset .json: the base of every setting.")
     strong: str | None = Field(
@@ -87,8 +88,38 @@ class _ComponentFields(BaseModel):
             raise ValueError(f"{info.field_name} must be a number, got {value!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_for_max_tokens(cls, data: Any) -> Any:
+        """`max_tokens` is `max_new_tokens` under its usual name: given both, they must agree."""
+        if isinstance(data, dict):
+            for alias, name in ALIASES.items():
+                if alias in data and name in data:
+                    if data[alias] != data[name]:
+                        raise ValueError(
+                            f"{alias}={data[alias]!r} and {name}={data[name]!r} disagree: give one of them "
+                            f"({alias} is {name} under the name LangChain and LlamaIndex use)"
+                        )
+                    data = {k: v for k, v in data.items() if k != alias}
+        return data
+
     def model_post_init(self, __context: Any) -> None:
         self._build_config()  # checks every setting now; loads nothing
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A setting assigned after construction is checked with all the others
+        (the config they make); a refused one leaves the old value in place.
+        (Not pydantic's validate_assignment: it re-runs every model validator on
+        each assignment, and LangChain's assign fields themselves.)"""
+        if name not in _SETTING_FIELDS:
+            return super().__setattr__(name, value)
+        old = self.__dict__[name]
+        super().__setattr__(name, value)
+        try:
+            self._build_config()
+        except ValueError:
+            self.__dict__[name] = old
+            raise
 
     @property
     def _config(self) -> AlignerConfig:
@@ -137,3 +168,6 @@ AlignedModelSettings = create_model(
     **setting_fields(SearchSettings),
     **setting_fields(Runtime),
 )
+
+# The fields that make the config (the ones above, not a framework's own).
+_SETTING_FIELDS = frozenset(AlignedModelSettings.model_fields)

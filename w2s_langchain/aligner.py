@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -114,15 +114,108 @@ class Runtime:
         return self.api_key if self.api_key is not None else os.environ.get("LLAMA_API_KEY") or None
 
     def context_size(self, model: Model | ServerModel) -> int:
-        """The n_ctx a context of `model` gets (a served model's is the server's slot size)."""
+        """The n_ctx a context of `model` starts with (a served model's is the server's slot size)."""
         if isinstance(model, ServerModel):
             return model.n_ctx
         return self.n_ctx if self.n_ctx is not None else default_n_ctx(model)
 
-    def new_context(self, model: Model) -> Context:
+    def largest_context(self, model: Model | ServerModel) -> int:
+        """The most KV cells a context of `model` may get: n_ctx when it is set (as
+        llama.cpp rounds it), a server's slot size, else the model's training context
+        (a search that needs more than a context holds gets a bigger one, up to that)."""
+        if isinstance(model, ServerModel):
+            return model.n_ctx
+        return _rounded_n_ctx(self.n_ctx) if self.n_ctx is not None else model.n_ctx_train
+
+    def new_context(self, model: Model, n_ctx: int | None = None) -> Context:
         return Context(
-            model, n_ctx=self.context_size(model), n_batch=self.n_batch, n_threads=self.n_threads, n_seq_max=self.n_seq_max
+            model, n_ctx=n_ctx or self.context_size(model), n_batch=self.n_batch, n_threads=self.n_threads,
+            n_seq_max=self.n_seq_max,
         )
+
+
+# llama.cpp rounds a context's n_ctx up to a multiple of this.
+_N_CTX_STEP = 256
+
+
+def _rounded_n_ctx(n: int) -> int:
+    return -(-n // _N_CTX_STEP) * _N_CTX_STEP
+
+
+@dataclass
+class ContextNeed:
+    """What one search needs of one context: the prompt of each role it holds (a
+    weak model in both roles holds two), and the answer tokens beside them."""
+
+    context: Context | ServerContext
+    roles: list[str]
+    prompt_tokens: list[int]
+    """Each role's prompt, as that role's model reads it."""
+    path_tokens: int
+    """Tokens one answer may take in this model's tokens, per role: max_new_tokens,
+    or twice that for a weak model that is not the strong model's file (its
+    tokenizer may need more tokens for the same text)."""
+    tree_tokens: int
+    """Tokens the search's tree may hold, per role (SearchSettings.tree_tokens)."""
+
+    @property
+    def least(self) -> int:
+        """Cells without which the search cannot run: every prompt and one answer each."""
+        return sum(self.prompt_tokens) + len(self.roles) * self.path_tokens
+
+    @property
+    def working_set(self) -> int:
+        """Cells that keep the whole tree resident (no branch evicted and read again)."""
+        return sum(self.prompt_tokens) + len(self.roles) * self.tree_tokens
+
+    def describe(self) -> str:
+        """Whose context this is and what its prompts take."""
+        prompts = " + ".join(f"{n} ({role})" for n, role in zip(self.prompt_tokens, self.roles))
+        return f"{self.context.model.name} (the {' and '.join(self.roles)} role{'s' if len(self.roles) > 1 else ''}): prompts {prompts}"
+
+
+def context_needs(models: SearchModels, prompt: Prompt, settings: SearchSettings) -> list[ContextNeed]:
+    """What a search of `prompt` needs of each context of a lane, before it starts."""
+    strong = models.strong
+    needs = {
+        id(strong): ContextNeed(strong, ["strong"], [_prompt_tokens(strong.model, models.strong_format, prompt)],
+                                settings.max_new_tokens, settings.tree_tokens())
+    }
+    if models.proxy is None:
+        return list(needs.values())
+    for role, scorer in zip(("weak", "weak_ref"), models.proxy.scorers):
+        context = scorer.context
+        same_tokenizer = getattr(context.model, "path", None) == getattr(strong.model, "path", "")
+        path = settings.max_new_tokens * (1 if same_tokenizer else 2)
+        need = needs.setdefault(id(context), ContextNeed(context, [], [], path, settings.tree_tokens()))
+        need.roles.append(role)
+        need.prompt_tokens.append(_prompt_tokens(context.model, scorer.prompt_format, prompt))
+    return list(needs.values())
+
+
+def prompt_room(config: AlignerConfig, settings: SearchSettings | None = None) -> int:
+    """The longest prompt, in the strong model's tokens, that a search with these
+    settings can take while its whole tree stays resident in every context (each
+    at its largest: see `Runtime.largest_context`): the context window to report
+    to a framework that fills it with retrieved text. A weak model in both roles
+    holds the prompt twice. Loads the models (or asks the server)."""
+    settings = settings or config.search
+    runtime, tree = config.runtime, settings.tree_tokens()
+    strong = load_named_model(config.strong.model, runtime)
+    # Each context and the prompt formats of the roles it holds (the strong model has its own).
+    contexts: dict[str, tuple[Model | ServerModel, list[PromptFormat]]] = {"strong": (strong, [config.strong.prompt])}
+    for role in (config.weak, config.weak_ref):
+        model = load_named_model(role.model, runtime)
+        contexts.setdefault(str(model.path), (model, []))[1].append(role.prompt)
+    rooms = []
+    for model, formats in contexts.values():
+        around_prompt = sum(_prompt_tokens(model, prompt_format, "") + tree for prompt_format in formats)
+        rooms.append((runtime.largest_context(model) - around_prompt) // len(formats))
+    return max(0, min(rooms))
+
+
+def _prompt_tokens(model: Model | ServerModel, prompt_format: PromptFormat, prompt: Prompt) -> int:
+    return len(render(model, prompt_format, prompt).tokenize_with(model, ""))
 
 
 @dataclass(frozen=True)
@@ -236,8 +329,10 @@ class Aligner:
         settings: SearchSettings | None = None,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        on_commit: Callable[[str], None] | None = None,
     ) -> SearchResult:
-        """One search (see `search.search`); `cancel`, set from another thread, stops it.
+        """One search (see `search.search`); `cancel`, set from another thread, stops it;
+        `on_commit` gets the answer's pieces as a streaming search commits them.
         The timeout bounds the whole call: waiting for a free lane, loading the
         models on first use (which cannot be interrupted: a load that ends past the
         deadline stops the call right after), and the search."""
@@ -251,10 +346,10 @@ class Aligner:
             if isinstance(models.strong, ServerContext):
                 models.strong.n_probs = _server_n_probs(settings, models.strong.model)
             with search_time_limit(settings.timeout, started):  # chat templates render within the search's time
-                self._check_fits(models, prompt, settings)
+                self._make_room(models, prompt, settings)
                 contexts = [models.strong, *models.proxy.contexts]
                 evicted_before = [c.stats.evictions_for_cells for c in contexts]
-                result = search(models, prompt, settings, progress, cancel, started)
+                result = search(models, prompt, settings, progress, cancel, started, on_commit)
             self._warn_if_cramped(contexts, evicted_before)
             return result
         finally:
@@ -298,7 +393,7 @@ class Aligner:
             warnings.warn(
                 f"the KV cache of {context.model.name} holds {context.n_ctx} tokens{rounded}, too few for this "
                 f"search: it evicted {evicted} branches to make room and read them again, which slows the search. "
-                f"Raise n_ctx (e.g. to {2 * context.n_ctx}) or search less (iterations, children, max_new_tokens).",
+                f"{_OVERFLOW_ADVICE}",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -330,21 +425,66 @@ class Aligner:
         strong = ServerContext(strong_model) if isinstance(strong_model, ServerModel) else rt.new_context(strong_model)
         return SearchModels(strong, cfg.strong.prompt, proxy)
 
-    @staticmethod
-    def _check_fits(models: SearchModels, prompt: Prompt, settings: SearchSettings) -> None:
-        """One answer path must fit each context (more branches are evicted and
-        rebuilt as needed). A weak tokenizer may need more tokens than the strong
-        one for the same text: we allow it twice as many."""
-        paths = [(models.strong, models.strong_format, settings.max_new_tokens)]
-        paths += [(s.context, s.prompt_format, 2 * settings.max_new_tokens) for s in models.proxy.scorers]
-        for context, prompt_format, answer_tokens in paths:
-            prompt_tokens = len(render(context.model, prompt_format, prompt).tokenize_with(context.model, ""))
-            if prompt_tokens + answer_tokens > context.n_ctx:
-                raise ContextOverflowError(
-                    f"{prompt_tokens} prompt tokens + {answer_tokens} answer tokens do not fit the context of "
-                    f"{context.model.name} ({context.n_ctx} tokens): raise n_ctx (a llama-server's -c), "
-                    "lower max_new_tokens or shorten the prompt"
+    def _make_room(self, models: SearchModels, prompt: Prompt, settings: SearchSettings) -> None:
+        """Size every context of the lane for this search before it starts. A
+        search that cannot fit (its prompts and one answer per role) is refused
+        with the numbers. One whose tree would not stay resident gets a bigger
+        context, up to the model's training context, when n_ctx is not set;
+        otherwise it is told, before it starts, that it will evict and re-read."""
+        for need in context_needs(models, prompt, settings):
+            context = need.context
+            largest = self.config.runtime.largest_context(context.model)
+            if need.least > largest:
+                answer = "max_new_tokens" if need.path_tokens == settings.max_new_tokens else (
+                    "twice max_new_tokens: a weak model with another tokenizer than the strong model's may "
+                    "need more tokens for the same text"
                 )
+                raise ContextOverflowError(
+                    f"this search needs at least {need.least} tokens of context in {need.describe()}, and one "
+                    f"answer of up to {need.path_tokens} tokens per role ({answer}); it can have at most {largest} "
+                    f"({_limit_source(context, self.config.runtime)}). {_OVERFLOW_ADVICE}"
+                )
+            if not isinstance(context, Context):  # a server's slot re-reads what it lacks: no tree to keep
+                continue
+            wanted = _rounded_n_ctx(min(largest, need.working_set))
+            if wanted > context.n_ctx and self.config.runtime.n_ctx is None:
+                grown = self.config.runtime.new_context(context.model, wanted)
+                self._replace_context(models, context, grown)
+                context = grown
+            if need.working_set > context.n_ctx and id(context) not in self._warned:
+                self._warned.add(id(context))
+                warnings.warn(
+                    f"this search's tree needs about {need.working_set} tokens of context to stay resident in "
+                    f"{need.describe()}, and the tree about {need.tree_tokens} per role; the context holds "
+                    f"{context.n_ctx} ({_limit_source(context, self.config.runtime)}): branches will be evicted "
+                    f"and read again, which slows the search. {_OVERFLOW_ADVICE}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    @staticmethod
+    def _replace_context(models: SearchModels, old: Context, new: Context) -> None:
+        """Put `new` in the lane wherever `old` was (the old one is freed with its last branch)."""
+        if models.strong is old:
+            models.strong = new
+        for scorer in models.proxy.scorers if models.proxy else ():
+            if scorer.context is old:
+                scorer.context = new
+
+
+def _limit_source(context: Context | ServerContext, runtime: Runtime) -> str:
+    if isinstance(context, ServerContext):
+        return "a slot of the llama-server"
+    if runtime.n_ctx is not None:
+        return f"n_ctx={runtime.n_ctx}"
+    return "the model's training context"
+
+
+_OVERFLOW_ADVICE = (
+    "Shorten the prompt, search less (iterations, children, chunk_tokens, max_new_tokens), or leave n_ctx unset "
+    "(contexts then grow to what a search needs, up to the model's training context) or raise it (a "
+    "llama-server's -c)."
+)
 
 
 # Tokens besides top_k that a server's list may hold and the sampler drops (control tokens).

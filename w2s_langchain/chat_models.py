@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import contextvars
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig, ensure_config
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
-from .aligned_search import generation_info, stream_pieces
+from .aligned_search import StreamPiece, generation_info, stream_pieces
 from .langchain_aligned import LangChainAligned
 from .prompts import Message, render
 from .search import SearchResult
@@ -32,13 +33,27 @@ from .search import SearchResult
 _stream_run: contextvars.ContextVar[CallbackManagerForLLMRun | None] = contextvars.ContextVar("w2s_stream_run", default=None)
 
 _ROLE_OF = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
+# A ChatMessage's free-form role, under the names other APIs give the three roles a chat template knows.
+_CHAT_MESSAGE_ROLES = {
+    "system": "system", "developer": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "ai": "assistant", "model": "assistant",
+}
 
 
 def to_conversation(messages: list[BaseMessage]) -> list[Message]:
     """LangChain messages as role/content messages; text content only."""
     conversation = []
     for message in messages:
-        role = next((r for kind, r in _ROLE_OF.items() if isinstance(message, kind)), None)
+        if isinstance(message, ChatMessage):
+            role = _CHAT_MESSAGE_ROLES.get(message.role.lower())
+            if role is None:
+                raise ValueError(
+                    f"ChatMessage with role {message.role!r} is not supported: use the roles "
+                    f"{', '.join(repr(r) for r in _CHAT_MESSAGE_ROLES)} (no tools)"
+                )
+        else:
+            role = next((r for kind, r in _ROLE_OF.items() if isinstance(message, kind)), None)
         if role is None:
             raise ValueError(
                 f"{type(message).__name__} is not supported: use system, human and AI messages (no tools)"
@@ -67,6 +82,12 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
     (W2S-AlignTree). See `AlignedModelSettings` for the fields."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    preset: str = Field(
+        "chat",
+        description="Preset name or path of a preset .json: the base of every setting. Default: \"chat\" "
+        "(a chat model answers through its chat template).",
+    )
 
     @property
     def _llm_type(self) -> str:
@@ -142,11 +163,29 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
     def _generate(
         self, messages: list[BaseMessage], stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> ChatResult:
-        result = self._search_for_run(to_conversation(messages), stop, run_manager, kwargs)
+        result = self._search_for_run(self._conversation(messages), stop, run_manager, kwargs)
         if self._streams_invoke(run_manager):
             for chunk in self._chunks(result):
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
         return self._chat_result(result)
+
+    def _conversation(self, messages: list[BaseMessage]) -> list[Message]:
+        """The messages as a conversation. A strong model that reads plain text (a
+        base model's preset, such as "sentiment") gets it as a transcript to
+        continue: allowed, since a base model can, but rarely what a chat model's
+        user meant, so it is said (once per place in the code, as Python warns)."""
+        config = self._config
+        if config.strong.prompt.format == "plain":
+            warnings.warn(
+                f"ChatW2SAligned: the strong model {config.strong.model} reads plain text (the \"plain\" prompt "
+                f"format, from preset={self.preset!r} or strong_prompt), so it gets this conversation as a transcript (\"User: ...\\nAssistant:\") to continue, not "
+                "through a chat template. For a chat assistant use preset=\"chat\" (the default), or a "
+                "strong_prompt {\"format\": \"chat\"} with an instruct model; to continue plain text, use "
+                "W2SAlignedLLM.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return to_conversation(messages)
 
     def _chat_result(self, result: SearchResult) -> ChatResult:
         info = generation_info(result)
@@ -160,22 +199,26 @@ class ChatW2SAligned(LangChainAligned, BaseChatModel):
     def _stream(
         self, messages: list[BaseMessage], stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> Iterator[ChatGenerationChunk]:
-        """Search progress goes to the callbacks as "w2s_progress" custom events;
-        then the answer comes in pieces of a few words, the last one carrying the
-        usage and the search's report (langchain-core sends them to the callbacks)."""
+        """Search progress goes to the callbacks as "w2s_progress" custom events.
+        A streaming search (`commit_every`) hands on each chunk of the answer as it
+        commits it; the rest (all of it, for the whole-tree search) comes in pieces
+        of a few words, the last one carrying the usage and the search's report
+        (langchain-core sends them to the callbacks)."""
         run = run_manager or _stream_run.get()
         _stream_run.set(None)  # taken: no later call may report to this run
-        yield from self._chunks(self._search_for_run(to_conversation(messages), stop, run, kwargs))
+        for piece in self._pieces_for_run(self._conversation(messages), stop, run, kwargs):
+            yield self._chunk(piece)
 
     def _chunks(self, result: SearchResult) -> list[ChatGenerationChunk]:
         """The answer in pieces of a few words; the last carries the usage and the search's report."""
-        chunks = []
-        for piece in stream_pieces(result):
-            message = AIMessageChunk(
-                content=piece.text,
-                usage_metadata=self._usage(result) if piece.last else None,
-                response_metadata={"model_name": self._model_name, "finish_reason": result.finish_reason} if piece.last else {},
-                chunk_position="last" if piece.last else None,
-            )
-            chunks.append(ChatGenerationChunk(message=message, generation_info=piece.report))
-        return chunks
+        return [self._chunk(piece) for piece in stream_pieces(result)]
+
+    def _chunk(self, piece: StreamPiece) -> ChatGenerationChunk:
+        result = piece.result
+        message = AIMessageChunk(
+            content=piece.text,
+            usage_metadata=self._usage(result) if result else None,
+            response_metadata={"model_name": self._model_name, "finish_reason": result.finish_reason} if result else {},
+            chunk_position="last" if result else None,
+        )
+        return ChatGenerationChunk(message=message, generation_info=piece.report)

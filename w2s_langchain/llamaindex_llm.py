@@ -11,8 +11,8 @@ and their contexts are shared with them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -27,13 +27,11 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
-from .aligned_search import AlignedSearch, generation_info, in_thread, stream_pieces
-from .engine.server import is_server_url
+from .aligned_search import AlignedSearch, generation_info, in_thread, iterate_in_thread
 from .prompts import Message
 
-_Response = TypeVar("_Response", CompletionResponse, ChatResponse)
 _ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
 
 
@@ -51,16 +49,24 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True)
 
+    preset: str = Field(
+        "chat",
+        description="Preset name or path of a preset .json: the base of every setting. Default: \"chat\" "
+        "(LlamaIndex's query and chat engines send instructions and conversations).",
+    )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "W2SAlignedLlamaIndexLLM"
+
     @property
     def metadata(self) -> LLMMetadata:
-        """With the strong model's real context window (loads the model, or asks its
-        server, unless an n_ctx is set for an in-process model)."""
+        """With the context window a search can really use (`context_window()`:
+        LlamaIndex takes `num_output` back out of it for the prompt). Loads the
+        models, or asks the strong model's server."""
         config = self._config
-        runtime = config.runtime
-        served = is_server_url(config.strong.model)
-        n_ctx = runtime.n_ctx if runtime.n_ctx and not served else runtime.context_size(self._strong_model())
         return LLMMetadata(
-            context_window=n_ctx,
+            context_window=self.context_window(),
             num_output=config.search.max_new_tokens,
             is_chat_model=config.strong.prompt.format == "chat",
             model_name=self._model_name,
@@ -71,10 +77,13 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
         result = self._search(prompt, None, kwargs)
         return CompletionResponse(text=result.text, raw=generation_info(result))
 
+    # The streams hand on the answer as the search makes it final: chunk by chunk
+    # as a streaming search (`commit_every`) commits them, the rest at its end.
+
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        pieces = stream_pieces(self._search(prompt, None, kwargs))
-        return (CompletionResponse(text=piece.answer_so_far, delta=piece.text) for piece in pieces)
+        pieces = self._search_pieces(prompt, None, kwargs)
+        return (CompletionResponse(text=p.answer_so_far, delta=p.text, raw=p.report) for p in pieces)
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -85,7 +94,7 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
     # completion prompt; this keeps its roles for the chat templates, as `chat` does.
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        pieces = stream_pieces(self._search(to_conversation(messages), None, kwargs))
+        pieces = self._search_pieces(to_conversation(messages), None, kwargs)
         return (
             ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=p.answer_so_far), delta=p.text, raw=p.report)
             for p in pieces
@@ -101,12 +110,7 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
         return await in_thread(self.chat, messages, **kwargs)
 
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _replay(await in_thread(lambda: list(self.stream_complete(prompt, formatted, **kwargs))))
+        return iterate_in_thread(self.stream_complete(prompt, formatted, **kwargs))
 
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return _replay(await in_thread(lambda: list(self.stream_chat(messages, **kwargs))))
-
-
-async def _replay(responses: Iterable[_Response]) -> AsyncIterator[_Response]:
-    for response in responses:
-        yield response
+        return iterate_in_thread(self.stream_chat(messages, **kwargs))

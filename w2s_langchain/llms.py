@@ -82,11 +82,13 @@ class W2SAlignedLLM(LangChainAligned, LLM):
     def _stream(
         self, prompt: str, stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
     ) -> Iterator[GenerationChunk]:
-        """The search has to finish before the answer is known; while it runs,
-        progress goes to the callbacks as "w2s_progress" custom events. Then the
-        answer comes in pieces of a few words."""
-        result = self._search_for_run(prompt, stop, run_manager, kwargs)
-        for chunk in _chunks(result):
+        """While the search runs, progress goes to the callbacks as "w2s_progress"
+        custom events. A streaming search (`commit_every`) hands on each chunk of
+        the answer as it commits it; the rest of the answer (all of it, for the
+        whole-tree search, which knows it only at its end) comes in pieces of a
+        few words, the last one carrying the search's report."""
+        for piece in self._pieces_for_run(prompt, stop, run_manager, kwargs):
+            chunk = GenerationChunk(text=piece.text, generation_info=piece.report)
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk

@@ -27,6 +27,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import ModelLoadError
+from .sampling import Utf8Guard
 
 # --- llama.cpp's log ----------------------------------------------------------------
 # llama.cpp reports why a load failed only in its log, so we keep the last lines
@@ -397,6 +398,11 @@ class Model:
             ],
             dtype=np.int64,
         )
+
+    @functools.cached_property
+    def utf8_guard(self) -> Utf8Guard:
+        """Which tokens may follow an answer's bytes and keep it valid UTF-8."""
+        return Utf8Guard(self.n_vocab)
 
     def token_text(self, token: int) -> str:
         """A token's text in the vocabulary, special tokens included ("<|im_end|>")."""

@@ -3,10 +3,15 @@
 The order is the one Hugging Face's `generate` applies, which the W2S-AlignTree
 reference code uses. A `Distribution` holds only the tokens that survive the
 warp (at most top_k of them), so keeping one per tree node is cheap.
+
+`Utf8Guard` says which tokens would break an answer's UTF-8, so that the sampler
+never draws them: a byte-level vocabulary holds lone bytes (b"\\xab") that only
+make text as part of a character.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,3 +107,91 @@ def log_softmax_at(logits: np.ndarray, token: int) -> float:
     top = row.max()
     # exp in the row's own precision (float32 rows are large), summed in float64.
     return float(row[token] - top) - float(np.log(np.exp(row - top).sum(dtype=np.float64)))
+
+
+# --- UTF-8 ---------------------------------------------------------------------------
+
+
+def incomplete_character(data: bytes) -> bytes:
+    """The bytes at the end of `data` that begin a UTF-8 character and do not
+    complete it yet (b"" when `data` ends on a whole character)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: a whole character
+            return b""
+        if byte >= 0xC0:  # a lead byte: does the character it starts end here?
+            return data[-back:] if back < _utf8_length(byte) else b""
+    return b""
+
+
+def whole_characters(data: bytes) -> bytes:
+    """`data` without a character cut short at its end."""
+    return data[: len(data) - len(incomplete_character(data))]
+
+
+def _utf8_length(lead: int) -> int:
+    return 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+# The byte that may follow a lead byte when it is not 0x80..0xBF (RFC 3629:
+# no overlong forms, no surrogates, nothing above U+10FFFF).
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _is_utf8_prefix(data: bytes) -> bool:
+    """Valid UTF-8, except that it may end inside a character."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.reason == "unexpected end of data" and err.end == len(data)
+    return True
+
+
+class Utf8Guard:
+    """Which tokens may come next so that the answer's bytes stay valid UTF-8:
+    after a whole character, a token that is itself valid UTF-8 (it may end
+    inside a character); inside one, only a token whose first bytes continue
+    it and whose other bytes are valid again. A token that adds no bytes (end of
+    generation) cannot finish a character, so it waits for the character's end.
+
+    Each token is read (`token_bytes`) the first time it is a candidate, so a
+    served model's vocabulary is only learned as far as the server offers it.
+    The guard holds no reference to the model, which keeps it (no cycle)."""
+
+    def __init__(self, n_vocab: int):
+        self._known = np.zeros(n_vocab, dtype=bool)
+        self._first = np.zeros(n_vocab, dtype=np.int16)
+        """The token's first byte (-1: no bytes)."""
+        self._leading = np.zeros(n_vocab, dtype=np.int8)
+        """Continuation bytes (0x80..0xBF) the token starts with, at most 4 counted."""
+        self._only_leading = np.zeros(n_vocab, dtype=bool)
+        """The token is nothing but continuation bytes (or no bytes at all)."""
+        self._sound = np.zeros(n_vocab, dtype=bool)
+        """The bytes after the leading continuation bytes are valid UTF-8 (maybe ending inside a character)."""
+
+    def blocked(self, answer: bytes, candidates: np.ndarray, token_bytes: Callable[[int], bytes]) -> np.ndarray:
+        """The candidates (token ids) that cannot follow `answer`. When that would
+        be all of them, inside a character: only those whose bytes break it (the
+        answer then ends there, and its unfinished character is dropped)."""
+        self._learn(candidates[~self._known[candidates]], token_bytes)
+        first, leading = self._first[candidates], self._leading[candidates]
+        sound, only_leading = self._sound[candidates], self._only_leading[candidates]
+        pending = incomplete_character(answer)
+        if not pending:
+            return candidates[(leading > 0) | ~sound]
+        lo, hi = _SECOND_BYTE.get(pending[0], (0x80, 0xBF)) if len(pending) == 1 else (0x80, 0xBF)
+        needed = _utf8_length(pending[0]) - len(pending)
+        continues = (first >= lo) & (first <= hi) & (((leading == needed) & sound) | ((leading < needed) & only_leading))
+        if continues.any():
+            return candidates[~continues]
+        return candidates[(first >= 0) & ~continues]
+
+    def _learn(self, tokens: np.ndarray, token_bytes: Callable[[int], bytes]) -> None:
+        for token in tokens.tolist():
+            piece = token_bytes(token)
+            leading = len(piece) - len(piece.lstrip(bytes(range(0x80, 0xC0))))
+            self._first[token] = piece[0] if piece else -1
+            self._leading[token] = min(leading, 4)
+            self._only_leading[token] = leading == len(piece)
+            self._sound[token] = _is_utf8_prefix(piece[leading:])
+            self._known[token] = True

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ContextOverflowError, ServerError, ServerUnavailableError
 from .context import Branch, ContextStats
+from .sampling import Utf8Guard
 
 # llama-server's own template when a model has none (common/chat.cpp): seeing it means
 # the model brought no chat template, which a chat prompt must be refused for.
@@ -239,6 +240,12 @@ class ServerModel:
     # The server offers control tokens' bytes as b"": ServerContext takes them out of
     # each row itself, so the sampler has nothing more to remove.
     never_sampled = np.zeros(0, dtype=np.int64)
+
+    @functools.cached_property
+    def utf8_guard(self) -> Utf8Guard:
+        """Which tokens may follow an answer's bytes and keep it valid UTF-8 (learned
+        from the tokens the server offers, whose bytes it sent)."""
+        return Utf8Guard(self.n_vocab)
 
     def learn(self, offered: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """The ids and log-probs of one position's `top_logprobs`, keeping each

@@ -62,6 +62,14 @@ class SearchSettings:
     default. A step's batch is one decode while its P x K children fit the
     context's `n_seq_max` (2 P x K for a weak model in both roles); more still
     work, in several."""
+    commit_every: int | None = None
+    """Streaming mode (w2s): every this many iterations, the root's most visited
+    unfinished child is committed: its text is final (a stream hands it on at
+    once), it becomes the root with its subtree, and the search goes on below
+    it, as game-playing MCTS commits to a move. The first text comes after
+    `commit_every` iterations instead of all of them, but the answer is chosen
+    chunk by chunk, not over the whole tree: it changes the search, so it is off
+    (None) by default. See docs/algorithm.md."""
     num_select: int = 10
     """Stage 2 re-scores the terminal children of this many candidates (w2s)."""
     samples: int = 4
@@ -118,6 +126,8 @@ class SearchSettings:
         ]
         if self.token_budget is not None:  # None: no budget
             whole_numbers.append("token_budget")
+        if self.commit_every is not None:  # None: the whole-tree search
+            whole_numbers.append("commit_every")
         for name in whole_numbers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -139,6 +149,26 @@ class SearchSettings:
             check_encodable(stop, "a stop string")
         object.__setattr__(self, "stop", tuple(self.stop))
         self.sampling  # checks temperature, top_k, top_p
+
+    def tree_tokens(self) -> int:
+        """About how many answer tokens (strong ones) a search's tree holds at its
+        largest, every path together: what its KV cache must keep beyond the
+        prompt so that no branch is evicted and read again. w2s: K x L per
+        iteration, and the "finish" fallback's K children per step down one
+        answer (at most the token budget); bon: N answers; cbs: W x K beams'
+        chunks down one answer; base: one answer. An estimate, not a bound: a
+        chunk can run up to 3 tokens past L to finish a character."""
+        n = self.max_new_tokens
+        if self.strategy == "w2s":
+            grown = self.iterations * self.children * self.chunk_tokens
+            finishing = self.children * n if self.fallback == "finish" else 0
+            tokens = grown + finishing
+            return tokens if self.token_budget is None else min(tokens, self.token_budget)
+        if self.strategy == "bon":
+            return self.samples * n
+        if self.strategy == "cbs":
+            return self.beam_width * self.children * n
+        return n
 
     @property
     def selection_rule(self) -> SelectionRule:

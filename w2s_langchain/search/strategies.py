@@ -45,18 +45,44 @@ def search(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     started: float | None = None,
+    on_commit: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Answer `prompt` with the strategy the settings name. Setting `cancel`
     (from another thread) stops the search within one decode step with
     SearchCancelledError; either way the search frees everything it held.
     `started` (a time.perf_counter()) is when the caller's call began: the
-    timeout counts from then (default: now)."""
+    timeout counts from then (default: now). With `commit_every` (w2s),
+    `on_commit(text)` gets each piece of the answer as soon as it is final;
+    the answer returned starts with all of them."""
     check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
-    run = _Run(models, prompt, settings, progress or (lambda done, total, what: None), cancel, started)
+    reported = _ReportedProgress(progress)
+    run = _Run(models, prompt, settings, reported, cancel, started, on_commit or (lambda text: None))
     with run.active():
-        return _STRATEGIES[settings.strategy](run)
+        result = _STRATEGIES[settings.strategy](run)
+    reported.finish()
+    return result
+
+
+class _ReportedProgress:
+    """The caller's progress callback, and the promise its last event keeps: a
+    search that ends sooner than its total (it ran out of tree, or all its
+    beams finished) says so with a last event whose done equals its total."""
+
+    def __init__(self, progress: Progress | None):
+        self._progress = progress
+        self._last: tuple[int, int, str] | None = None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        self._last = (done, total, what)
+        if self._progress is not None:
+            self._progress(done, total, what)
+
+    def finish(self) -> None:
+        if self._last is not None and self._last[0] != self._last[1]:
+            done, _, what = self._last
+            self(done, done, what)
 
 
 class _Run:
@@ -70,10 +96,16 @@ class _Run:
         progress: Progress,
         cancel: threading.Event | None,
         started: float | None = None,
+        on_commit: Callable[[str], None] = lambda text: None,
     ):
         self.prompt = prompt
         self.settings = settings
         self.progress = progress
+        self.on_commit = on_commit
+        self.committed = ""
+        """The answer's text handed on so far (streaming: `commit_every`)."""
+        self.tree: Node | None = None
+        """The root of the whole tree (a streaming search moves its own root down)."""
         # A closure, not a method: the strong model holds it, and a reference back to
         # this run would make every search a cycle that only the gc can free.
         self.check = stop_check(settings, cancel, started)
@@ -114,13 +146,25 @@ class _Run:
                 c.reuse_prefixes = reuse
                 c.interrupt = None
 
-    def cut_short(self, root: Node, answer: Node | None, why: Exception) -> SearchResult:
+    def cut_short(self, answer: Node | None, why: Exception) -> SearchResult:
         """Answer with what the search found before `why` stopped it, when the
         settings ask for that; otherwise raise `why`."""
-        if not self.settings.partial_answer or answer is None or answer is root:
+        if not self.settings.partial_answer or answer is None or answer is self.tree:
             raise why
         stopped = "timeout" if isinstance(why, SearchTimeoutError) else "context_full"
-        return self.result(root, answer, answer.value, "partial", stopped=stopped)
+        return self.result(answer, answer.value, "partial", stopped=stopped)
+
+    def commit(self, node: Node) -> None:
+        """Streaming: `node`'s answer is final (every later answer continues it):
+        hand on what the caller has not had of it. Unless it is finished, the
+        last characters that a stop string could still begin with are held back,
+        since a longer answer that ends at that stop string would lose them."""
+        text = node.chunk.text
+        if not node.terminal:
+            text = text[: len(text) - max((len(s) - 1 for s in self.settings.stop), default=0)]
+        if len(text) > len(self.committed):
+            self.on_commit(text[len(self.committed) :])
+            self.committed = text
 
     # --- building blocks -----------------------------------------------------
 
@@ -128,6 +172,7 @@ class _Run:
         node = Node(self.strong.start(self.prompt), proxy=self.proxy.start(self.prompt) if self.proxy else None)
         self.prompt_tokens = len(node.chunk.branch)
         self.nodes.append(node)
+        self.tree = node
         return node
 
     def expand(self, parents: list[Node], k: int, chunk_tokens: int, *, distinct: bool) -> None:
@@ -172,7 +217,7 @@ class _Run:
                 node.value = node.eos_value if terminal_reward == "eos" else NEG_INF
             node.own_value = node.value
 
-    def result(self, root: Node, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
+    def result(self, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
         after = [_snapshot(c) for c in self.contexts]
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
         seconds = self.timer.so_far() | {"total": time.perf_counter() - self.started}
@@ -187,7 +232,7 @@ class _Run:
             decode_seconds=round(sum(d[3] for d in delta), 4),
             iterations=self.iterations,
             steps=self.steps,
-            tree_nodes=sum(1 for _ in root.walk()),
+            tree_nodes=sum(1 for _ in self.tree.walk()),
             seconds={k: round(v, 4) for k, v in seconds.items()},
         )
         return SearchResult(
@@ -200,7 +245,7 @@ class _Run:
             settings=self.settings.to_dict(),
             cost=cost,
             stopped=stopped,
-            tree=root,
+            tree=self.tree,
         )
 
 
@@ -216,6 +261,12 @@ def stop_check(
         if cancel is not None and cancel.is_set():
             raise SearchCancelledError("the search was cancelled")
         if deadline is not None and time.perf_counter() > deadline:
+            if settings.partial_answer:  # raised only when the search had nothing to answer with yet
+                raise SearchTimeoutError(
+                    f"the search ran past its timeout of {settings.timeout} s before it had any answer, so "
+                    "partial_answer had none to return (it returns the best one a w2s or cbs search has found): "
+                    "raise `timeout` or lower the budget (iterations, samples, max_new_tokens)"
+                )
             raise SearchTimeoutError(
                 f"the search ran past its timeout of {settings.timeout} s: raise `timeout`, lower the budget "
                 "(iterations, samples, max_new_tokens), or set `partial_answer` to get the best answer found so far"
@@ -243,6 +294,7 @@ def _w2s(run: _Run) -> SearchResult:
     score = lambda child, parent: rule(child, parent, s.c, s.entropy_weight)  # noqa: E731
     open_leaves = 1  # unfinished nodes not yet expanded: what selection can still grow
     rankable = False  # does the tree hold a stage-2 candidate yet?
+    next_commit = s.commit_every or math.inf
     try:
         while run.iterations < s.iterations:
             left = _tokens_left(run, root, rankable)
@@ -268,11 +320,40 @@ def _w2s(run: _Run) -> SearchResult:
             run.iterations += len(paths)
             run.steps += 1
             run.progress(run.iterations, s.iterations, "iterations")
+            if run.iterations >= next_commit:
+                next_commit = run.iterations + s.commit_every
+                root = _commit(run, root)
+                open_leaves = sum(1 for n in root.walk() if not n.children and not n.terminal)
+                rankable = any(n is not root and _is_candidate(n) for n in root.walk())
         with run.timer("stage2"):
             return _stage2(run, root)
     except _CUT_SHORT as why:
         _drop_unevaluated(run)
-        return run.cut_short(root, _best_path(root), why)
+        return run.cut_short(_best_path(root), why)
+
+
+def _commit(run: _Run, root: Node) -> Node:
+    """Streaming (`commit_every`): the root's most visited unfinished child (the
+    higher value between equals) becomes final and the new root, keeping its
+    subtree, as game-playing MCTS commits to a move; its siblings' subtrees are
+    let go (their branches freed). The root stays when no child can go on."""
+    going_on = [child for child in root.children if not child.terminal]
+    if not going_on:
+        return root
+    chosen = max(going_on, key=lambda child: (child.visits, child.value))
+    for sibling in root.children:
+        if sibling is not chosen:
+            for node in sibling.walk():
+                run.strong.release(node.chunk)
+                if node.proxy is not None:
+                    run.proxy.release(node.proxy)
+    run.commit(chosen)
+    return chosen
+
+
+def _is_candidate(node: Node) -> bool:
+    """Stage 2 ranks unfinished nodes with a finished child."""
+    return not node.terminal and any(child.terminal for child in node.children)
 
 
 def _chunk_tokens(s: SearchSettings, left: float, leaves: int) -> int:
@@ -320,7 +401,7 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
     entropy term; the finished (and, quirk, unfinished) children of the best
     `num_select` are eos-scored and the best of them is the answer."""
     s = run.settings
-    candidates = [n for n in root.walk() if n is not root and not n.terminal and any(c.terminal for c in n.children)]
+    candidates = [n for n in root.walk() if n is not root and _is_candidate(n)]
     if not candidates:
         return _fallback(run, root)
 
@@ -336,7 +417,7 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
     for place, node in enumerate(sorted(finalists, key=lambda n: n.eos_value, reverse=True), start=1):
         node.final_rank = place
     best = max(finalists, key=lambda n: n.eos_value)
-    return run.result(root, best, best.eos_value, "stage2")
+    return run.result(best, best.eos_value, "stage2")
 
 
 def _fallback(run: _Run, root: Node) -> SearchResult:
@@ -353,9 +434,9 @@ def _fallback(run: _Run, root: Node) -> SearchResult:
         finished = [c for c in node.parent.children if c.terminal]
         run.score(finished, eos=True)
         best = max(finished, key=lambda n: n.eos_value)
-        return run.result(root, best, best.eos_value, "fallback_finished")
+        return run.result(best, best.eos_value, "fallback_finished")
     if s.fallback == "truncate" or node is root:
-        return run.result(root, node, node.value, "fallback_truncated")
+        return run.result(node, node.value, "fallback_truncated")
     budget = s.token_budget if s.token_budget is not None else math.inf
     while not node.terminal:
         left = budget - run.strong.tokens_sampled
@@ -368,7 +449,7 @@ def _fallback(run: _Run, root: Node) -> SearchResult:
         for child in node.children:
             child.by_fallback = True
         node = max(node.children, key=lambda c: c.value)
-    return run.result(root, node, node.value, "fallback_finished")
+    return run.result(node, node.value, "fallback_finished")
 
 
 # --- baselines ----------------------------------------------------------------------
@@ -383,7 +464,7 @@ def _base(run: _Run) -> SearchResult:
     if run.proxy is not None:  # reported for comparison; it chooses nothing
         run.score([answer], eos=True)
         value = answer.eos_value
-    return run.result(root, answer, value, "sample")
+    return run.result(answer, value, "sample")
 
 
 def _bon(run: _Run) -> SearchResult:
@@ -392,7 +473,7 @@ def _bon(run: _Run) -> SearchResult:
     run.expand([root], run.settings.samples, run.settings.max_new_tokens, distinct=False)
     run.evaluate(root.children, terminal_reward="eos")  # every sample is finished
     best = max(root.children, key=lambda n: n.value)
-    return run.result(root, best, best.value, "best_of_n")
+    return run.result(best, best.value, "best_of_n")
 
 
 def _cbs(run: _Run) -> SearchResult:
@@ -419,8 +500,8 @@ def _cbs(run: _Run) -> SearchResult:
             run.progress(max(len(b.chunk.tokens) for b in beams), s.max_new_tokens, "tokens")
     except _CUT_SHORT as why:
         _drop_unevaluated(run)
-        return run.cut_short(root, beams[0], why)
-    return run.result(root, beams[0], beams[0].value, "beam")
+        return run.cut_short(beams[0], why)
+    return run.result(beams[0], beams[0].value, "beam")
 
 
 _STRATEGIES: dict[Strategy, Callable[[_Run], SearchResult]] = {"w2s": _w2s, "bon": _bon, "cbs": _cbs, "base": _base}

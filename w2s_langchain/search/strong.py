@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine import Branch, Context, SamplingSettings, warp
+from ..engine.sampling import Distribution, incomplete_character, whole_characters
 from ..prompts import Prompt, PromptFormat, render
 
 # A chunk never ends inside a UTF-8 character: it samples up to this many extra
-# tokens to complete one (a character is at most 4 bytes).
-_MAX_UTF8_EXTRA_TOKENS = 4
+# tokens to complete one (a character is at most 4 bytes, and each token the
+# sampler may draw inside one adds at least one of them).
+_MAX_UTF8_EXTRA_TOKENS = 3
 
 
 @dataclass(eq=False)
@@ -97,7 +99,7 @@ class StrongModel:
         families: list[tuple[float, list[_Growth]]] = []
         try:
             for parent, row in zip(parents, rows):
-                dist = warp(row, self.sampling, self.model.never_sampled)
+                dist = self.distribution(row, parent.answer)
                 firsts = dist.sample_distinct(rng, k) if distinct else [dist.sample(rng) for _ in range(k)]
                 growing = [_Growth(parent, ctx.fork(parent.branch)) for _ in firsts]
                 families.append((dist.entropy_bits(), growing))
@@ -108,7 +110,7 @@ class StrongModel:
             while active := [child for child in everyone if not child.done(chunk_tokens)]:
                 self.check()
                 for child, row in zip(active, ctx.next_logits([child.branch for child in active])):
-                    dist = warp(row, self.sampling, self.model.never_sampled)
+                    dist = self.distribution(row, child.answer)
                     token = dist.sample(rng)
                     self._add(child, token, dist.prob(token))
         except BaseException:
@@ -127,6 +129,14 @@ class StrongModel:
             results.append((entropy, children))
         return results
 
+    def distribution(self, row: np.ndarray, answer: bytes) -> Distribution:
+        """What the next token of `answer` is drawn from, given the logits `row`:
+        never a marker token, and never one that would make the answer's bytes
+        invalid UTF-8 (inside a character, only tokens that continue it)."""
+        candidates = np.flatnonzero(np.isfinite(row))
+        blocked = self.model.utf8_guard.blocked(answer, candidates, self.model.token_bytes)
+        return warp(row, self.sampling, np.concatenate([self.model.never_sampled, blocked]))
+
     def release(self, chunk: Chunk) -> None:
         if chunk.branch is not None:
             self.context.release(chunk.branch)
@@ -144,6 +154,10 @@ class StrongModel:
             child.answer += self.model.token_bytes(token)
             if len(child.tokens) >= self.max_new_tokens:
                 child.finish_reason = "length"
+        if child.finish_reason is not None:
+            # Only the token limit (or a vocabulary with no way to go on) ends an
+            # answer inside a character: that character is dropped, never shown broken.
+            child.answer = whole_characters(child.answer)
         self._cut_at_stop(child)
 
     def _cut_at_stop(self, child: _Growth) -> None:
@@ -179,7 +193,7 @@ class _Growth:
         n = len(self.log_probs)
         if self.finish_reason is not None or n >= chunk_tokens + _MAX_UTF8_EXTRA_TOKENS:
             return True
-        return n >= chunk_tokens and not _ends_inside_a_character(self.answer)
+        return n >= chunk_tokens and not incomplete_character(self.answer)
 
     def finish(self) -> Chunk:
         return Chunk(
@@ -191,8 +205,3 @@ class _Growth:
             branch=self.branch,
         )
 
-
-def _ends_inside_a_character(data: bytes) -> bool:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    decoder.decode(data[-4:] if len(data) > 4 else data)
-    return bool(decoder.getstate()[0])
