@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import PrivateAttr
 
 from .aligned_settings import AlignedModelSettings, search_overrides
-from .aligner import Aligner, AlignerConfig, load_named_model
+from .aligner import Aligner, AlignerConfig
 from .engine import Model
 from .engine.server import ServerModel
 from .prompts import Prompt
@@ -75,8 +75,7 @@ class AlignedSearch(AlignedModelSettings):
 
     def _strong_model(self) -> Model | ServerModel:
         """The strong model (loaded on first use, or asked of its server; shared)."""
-        config = self._config
-        return load_named_model(config.strong.model, config.runtime)
+        return self._config.strong_model()
 
     def _search(
         self, prompt: Prompt, stop: list[str] | None, overrides: Mapping[str, Any], progress: Progress | None = None

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, get_args
 
-from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from .aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
 from .declared_settings import declared_settings
@@ -53,6 +53,9 @@ class _ComponentFields(BaseModel):
     """The fields that are not declared settings (the preset, the models and how
     each sees the prompt, streaming, the name in traces), and the config all the
     fields make."""
+
+    # A refused setting's error must not repeat the fields given (an API key among them).
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     preset: str = Field(DEFAULT_PRESET, description="Preset name or path of a preset .json: the base of every setting.")
     strong: str | None = Field(

@@ -27,7 +27,7 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from pydantic import ConfigDict
+from pydantic import ConfigDict, SecretStr, field_serializer
 
 from .aligned_search import AlignedSearch, generation_info, in_thread, stream_pieces
 from .engine.server import is_server_url
@@ -50,6 +50,11 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
     """A strong local GGUF model whose answers two weak GGUF models steer."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True)
+
+    @field_serializer("api_key")
+    def _masked_key(self, key: SecretStr | None) -> str | None:
+        """LlamaIndex's to_dict / to_json dump the fields as plain data: the key as stars."""
+        return None if key is None else str(key)
 
     @property
     def metadata(self) -> LLMMetadata:
