@@ -261,7 +261,11 @@ def test_the_environment_key_is_not_sent_to_an_address_from_a_preset_file(tiny_m
             "search": {"iterations": 2, "children": 2, "chunk_tokens": 1, "max_new_tokens": 3},
             "runtime": {"n_ctx": 256, "n_threads": 1},
         }))
-        W2SAlignedLLM(preset=str(preset)).invoke("Once")
+        from_file = W2SAlignedLLM(preset=str(preset))
+        from_file.invoke("Once")
         assert not any(secret in str(r.headers.get("Authorization")) for r in fake.seen)
-        W2SAlignedLLM(preset=str(preset), strong=fake.url).invoke("Once")  # given directly: sent
+        direct = W2SAlignedLLM(preset=str(preset), strong=fake.url)  # given directly: sent
+        direct.invoke("Once")
         assert any(r.headers.get("Authorization") == f"Bearer {secret}" for r in fake.seen)
+        from_file.invoke("Twice")  # its models are shared with `direct`, not its key
+        assert from_file._aligner is not direct._aligner

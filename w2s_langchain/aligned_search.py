@@ -56,7 +56,8 @@ _aligners_lock = threading.Lock()
 
 def shared_aligner(config: AlignerConfig) -> Aligner:
     """One aligner (its contexts) per set of models and runtime settings, process-wide."""
-    key = (config.strong, config.weak, config.weak_ref, config.runtime)
+    # Whether the strong address came from a preset file decides which key it gets.
+    key = (config.strong, config.weak, config.weak_ref, config.runtime, config.strong_from_preset_file)
     with _aligners_lock:
         aligner = _aligners.get(key)
         if aligner is None:
