@@ -166,6 +166,8 @@ def test_real_templates_render_as_in_the_plain_sandbox(tiny_models, template, co
         ([{"role": "user", "content": " "}], "empty"),
         ("a\ud800b", "the prompt holds a lone surrogate"),
         ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\udfff"}], r"message 1 \(assistant\)"),
+        # Was blamed on the chat template ("runs longer than 1 s").
+        ([{"role": "user", "content": "Hi"}] * 100_000, "the conversation has 100,000 messages, more than the 10,000"),
     ],
 )
 def test_bad_prompts(prompt, message):
