@@ -166,17 +166,29 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _Exchange]] = []
+        self._live = 0  # requests watched that have not ended
         self._order = itertools.count()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def watch(self, exchange: _Exchange) -> None:
         with self._changed:
+            self._live += 1
+            if len(self._heap) > 64 and len(self._heap) > 2 * self._live:  # mostly finished ones: drop them
+                self._heap = [entry for entry in self._heap if entry[2].conn is not None]
+                heapq.heapify(self._heap)
             heapq.heappush(self._heap, (exchange.ends, next(self._order), exchange))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="w2s-server-watchdog", daemon=True)
                 self._thread.start()
             self._changed.notify()
+
+    def forget(self, exchange: _Exchange) -> None:
+        """A request that ended (its entry is dropped later, in bulk)."""
+        with exchange._lock:
+            exchange.conn = None
+        with self._changed:
+            self._live -= 1
 
     def _run(self) -> None:
         while True:
@@ -292,8 +304,7 @@ class _Http:
                 f"if it is not running, {_HOW_TO_START}"
             ) from None
         finally:
-            with exchange._lock:
-                exchange.conn = None  # the watchdog drops it
+            _watchdog.forget(exchange)
             if flight is not None:
                 flight.discard(exchange)
             conn.close()
@@ -646,10 +657,16 @@ class ServerModel:
         else's) are cut and it propagates. The calling thread's deadline holds."""
         deadline, flight = current_deadline(), _Flight()
         limits = [_COMPLETION_REPLY + _PER_OFFERED_TOKEN * body.get("n_probs", 0) for body in bodies]
-        futures: list[Future] = [
-            self._pool.submit(self._ask, "/completion", body, limit, deadline=deadline, flight=flight)
-            for body, limit in zip(bodies, limits)
-        ]
+        futures: list[Future] = []
+        try:
+            for body, limit in zip(bodies, limits):
+                futures.append(self._pool.submit(self._ask, "/completion", body, limit, deadline=deadline, flight=flight))
+        except RuntimeError:  # closed: another call found the server serving something else
+            flight.cut()
+            raise ServerUnavailableError(
+                f"{self.name} now serves another model (or another slot size) than when this search began: "
+                "it stopped; the next call uses what the server serves now"
+            ) from None
         try:
             pending = set(futures)
             while pending:
