@@ -269,3 +269,13 @@ def test_the_environment_key_is_not_sent_to_an_address_from_a_preset_file(tiny_m
         assert any(r.headers.get("Authorization") == f"Bearer {secret}" for r in fake.seen)
         from_file.invoke("Twice")  # its models are shared with `direct`, not its key
         assert from_file._aligner is not direct._aligner
+
+
+def test_a_step_whose_rows_cannot_fit_is_refused_before_the_search_with_the_numbers(tiny_models):
+    # A served n_vocab sizes a dense row per branch: 5e7 made a 3-iteration search take 62 s at 3 GB.
+    with FakeLlamaServer() as fake:
+        fake.models["data"][0]["meta"]["n_vocab"] = 1_000_000
+        llm = component(tiny_models, fake.url, strategy="bon", samples=300)
+        with pytest.raises(ValueError, match=r"300 branches over the 1,000,000-token vocabulary .* 2.2 GB"):
+            llm.invoke("Once")
+        assert not any(r.path == "/completion" and not r.body.get("ignore_eos") for r in fake.seen)

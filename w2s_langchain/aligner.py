@@ -409,6 +409,13 @@ class Aligner:
         """One answer path must fit each context (more branches are evicted and
         rebuilt as needed). A weak tokenizer may need more tokens than the strong
         one for the same text: we allow it twice as many."""
+        rows = settings.branches_per_step * models.strong.model.n_vocab * 8  # a float64 row per branch
+        if rows > _MAX_ROW_BYTES:
+            raise ValueError(
+                f"a step of {settings.branches_per_step:,} branches over the {models.strong.model.n_vocab:,}-token "
+                f"vocabulary of {models.strong.model.name} needs {rows / 2**30:.1f} GB of next-token rows, more than "
+                f"{_MAX_ROW_BYTES // 2**30} GB: lower samples, beam_width, parallel_leaves or children"
+            )
         paths = [(models.strong, models.strong_format, settings.max_new_tokens)]
         paths += [(s.context, s.prompt_format, 2 * settings.max_new_tokens) for s in models.proxy.scorers]
         for context, prompt_format, answer_tokens in paths:
@@ -420,6 +427,9 @@ class Aligner:
                     "lower max_new_tokens or shorten the prompt"
                 )
 
+
+_MAX_ROW_BYTES = 2 * 2**30
+# Memory one step's next-token rows may take (each branch a row of n_vocab numbers).
 
 # Tokens besides top_k that a server's list may hold and the sampler drops (control tokens).
 _N_PROBS_MARGIN = 16
