@@ -597,8 +597,8 @@ class ServerModel:
     def control_texts(self) -> tuple[str, ...]:
         """The special tokens' texts a prompt can hold: BOS, EOS, the end-of-generation
         tokens, every spelling in the chat template that the tokenizer reads as one
-        special token (the server cannot list a vocabulary's token attributes), and
-        the marker tokens when they are known. Asked once; a call's deadline holds."""
+        special token (the server cannot list a vocabulary's token attributes).
+        Asked once; a call's deadline holds."""
         if self._control_texts is None:
             self._control_texts = self._ask_control_texts()
         return self._control_texts
@@ -612,7 +612,7 @@ class ServerModel:
                 f"the chat template of {self.name} writes {len(candidates):,} special-token spellings, more than "
                 f"the {_MAX_SPECIAL_SPELLINGS} a chat template has use for: use a plain prompt format or another model"
             )
-        texts = {self.token_text(t) for t in {self.bos, self.eos, *self._end_of_generation, *self._markers} if t >= 0}
+        texts = {self.token_text(t) for t in {self.bos, self.eos, *self._end_of_generation} if t >= 0}
         for text in candidates:
             if len(self.tokenize(text, parse_special=True)) == 1 and len(self.tokenize(text)) > 1:
                 texts.add(text)
