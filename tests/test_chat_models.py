@@ -68,6 +68,8 @@ def test_unsupported_messages_and_models_are_clear_errors(make_chat, tiny_models
         chat.invoke([HumanMessage("x"), ToolMessage("3", tool_call_id="1")])
     with pytest.raises(ValueError, match="only text content"):
         chat.invoke([HumanMessage([{"type": "image_url", "image_url": {"url": "data:,"}}])])
+    with pytest.raises(ValueError, match="a content part's text must be a string, got int 5"):
+        chat.invoke([HumanMessage([{"type": "text", "text": 5}])])  # was a raw TypeError
     with pytest.raises(ValueError, match="no chat template"):
         make_chat(strong=str(tiny_models.tiny_b)).invoke("Hi")
     assert chat.invoke("Hi").content  # still usable

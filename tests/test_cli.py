@@ -184,3 +184,33 @@ def test_parallel_leaves_is_a_flag_and_a_preset_key(tiny_preset, tmp_path, capsy
     assert "9 iterations in 5 steps" in capsys.readouterr().err  # the root, then 2 leaves at a time
     assert cli.main([*argv, "--preset", str(tiny_preset), "--parallel-leaves", "0"]) == 1
     assert "parallel_leaves must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_tree_path_that_is_a_pipe_is_refused_before_any_model_loads(tmp_path, capsys):
+    preset = tmp_path / "absent.json"
+    absent = {"model": str(tmp_path / "absent.gguf")}
+    preset.write_text(json.dumps({"strong": absent, "weak": absent, "weak_ref": absent}))
+    pipe = tmp_path / "tree.html"
+    os.mkfifo(pipe)  # writing it after the search waited for a reader forever: no answer printed
+    assert cli.main(["Once", "--preset", str(preset), "--tree", str(pipe), *SHORT]) == 1
+    err = capsys.readouterr().err
+    assert f"--tree {pipe} is a pipe" in err and "absent.gguf" not in err
+
+
+@pytest.mark.parametrize("preset_text", ["[1, 2]", "[" * 100_000 + "]" * 100_000])
+def test_json_errors_are_json_for_preset_files_that_are_not_presets(tmp_path, capsys, preset_text):
+    preset = tmp_path / "odd.json"
+    preset.write_text(preset_text)
+    assert cli.main(["Once", "--preset", str(preset), "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["type"] == "ValueError" and str(preset) in error["message"]
+
+
+def test_json_errors_are_json_even_for_an_error_the_package_did_not_foresee(tiny_preset, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("n_vocab")
+
+    monkeypatch.setattr(cli.Aligner, "search", broken)
+    assert cli.main(["Once upon a time", "--preset", str(tiny_preset), "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error == {"type": "KeyError", "message": "'n_vocab'", "exit_code": 1}

@@ -113,3 +113,32 @@ def test_two_components_on_the_same_models_in_threads_at_once(make_llm, contexts
     assert (first._aligner is second._aligner) == (contexts == "shared")
     assert run_in_threads(calls) == alone
     assert nothing_held(first) and nothing_held(second)
+
+
+def test_callers_waiting_for_a_lane_get_it_in_the_order_they_came(tiny_models):
+    # 12 threads on one slot: one thread got 3 calls in a row while others waited.
+    import time
+
+    from w2s_langchain.aligner import Aligner, AlignerConfig, Role
+
+    aligner = Aligner(AlignerConfig(Role(str(tiny_models.tiny_c)), Role(str(tiny_models.tiny_a)), Role(str(tiny_models.tiny_b))))
+    lane = object()  # what a lane holds does not matter here: only who gets it when
+    aligner._models, aligner._lanes = lane, 1
+    aligner._give_back(lane)
+    taken = aligner._take_lane(lambda: None)  # held while the callers line up
+    order: list[int] = []
+
+    def caller(i: int) -> None:
+        for _ in range(2):  # gives the lane back, then asks again at once
+            held = aligner._take_lane(lambda: None)
+            order.append(i)
+            aligner._give_back(held)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # they arrive in this order
+    aligner._give_back(taken)
+    for thread in threads:
+        thread.join()
+    assert order == [0, 1, 2, 3, 4, 5] * 2

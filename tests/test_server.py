@@ -183,7 +183,7 @@ def test_a_stalled_server_cannot_outlast_the_timeout(tiny_models, llama_server):
 
 
 def test_a_context_too_small_for_the_search_is_refused_before_it_starts(tiny_models, llama_server):
-    server = llama_server(tiny_models.tiny_c, parallel=4, ctx=256)  # -c is per slot
+    server = llama_server(tiny_models.tiny_c, parallel=4, ctx=256)  # tokens per slot
     llm = component(tiny_models, server.url, max_new_tokens=300)
     with pytest.raises(ContextOverflowError, match=r"llama-server.*-c"):
         llm.invoke(PROMPT)
@@ -294,3 +294,114 @@ def test_chat_model_and_llamaindex_stream_over_a_served_model(tiny_models, llama
     assert index_llm.metadata.context_window == 256  # the server's slot, not the weak models' n_ctx
     streamed = list(index_llm.stream_chat([ChatMessage(role="user", content="Once upon a time")]))
     assert streamed[-1].message.content == local_chat.invoke(question).content
+
+
+# --- faults a real server shows: restarts, stalls, concurrency (see also test_server_faults.py) ---
+
+
+def test_ctx_is_per_slot_and_the_server_gets_it_times_the_slots(tiny_models, llama_server):
+    # llama-server splits -c among its slots: -c 2048 --parallel 4 gave 512 a slot.
+    server = llama_server(tiny_models.tiny_c, parallel=4, ctx=512)
+    model = ServerModel(server.url)
+    assert (model.n_ctx, model.slots) == (512, 4)
+
+
+def test_a_server_restarted_with_another_model_is_noticed(tiny_models, llama_server):
+    # gemma restarted as SmolLM2 on the same port gave garbage answers, no error.
+    first = llama_server(tiny_models.tiny_c, parallel=2, ctx=256)
+    llm = component(tiny_models, first.url, iterations=10, max_new_tokens=12, n_ctx=256)
+    assert llm.invoke(PROMPT) == component(tiny_models, str(tiny_models.tiny_c), iterations=10, max_new_tokens=12).invoke(PROMPT)
+    first.stop()
+    second = llama_server(tiny_models.tiny_a, parallel=2, ctx=256, port=first.port)  # another vocabulary
+    expected = component(tiny_models, str(tiny_models.tiny_a), iterations=10, max_new_tokens=12).invoke(PROMPT)
+    assert llm.invoke(PROMPT) == expected
+    assert llm.get_num_tokens("hello there") == component(tiny_models, str(tiny_models.tiny_a)).get_num_tokens("hello there")
+    second.stop()
+    # The refusal's own advice: restart with a larger -c. The next call believes the new size.
+    small = llama_server(tiny_models.tiny_a, parallel=2, ctx=64, port=first.port)
+    with pytest.raises(ContextOverflowError, match="64 tokens"):
+        llm.invoke(PROMPT, max_new_tokens=80)
+    small.stop()
+    llama_server(tiny_models.tiny_a, parallel=2, ctx=256, port=first.port)
+    assert llm.invoke(PROMPT, max_new_tokens=80)
+
+
+def test_a_stalled_server_cannot_outlast_the_timeout_of_a_first_call(tiny_models, llama_server):
+    # The handshake ignored the timeout: a SIGSTOPped server held the call until resumed.
+    server = llama_server(tiny_models.tiny_c, parallel=2, ctx=256)
+    llm = component(tiny_models, server.url, timeout=2)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(SearchTimeoutError):
+            llm.invoke(PROMPT)
+        took = time.perf_counter() - started
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert took < 2 + 1.0
+    assert llm.invoke(PROMPT, iterations=5)
+
+
+def test_one_searchs_timeout_does_not_fail_the_others_on_the_server(tiny_models, llama_server):
+    # Its cut closed every request in flight on the server: the others died as unavailable.
+    server = llama_server(tiny_models.tiny_c, parallel=4, ctx=512)
+    llm = component(tiny_models, server.url, iterations=60, max_new_tokens=30)
+    prompts = [f"{PROMPT} {i}" for i in range(3)]
+    alone = [llm.invoke(p) for p in prompts]
+    outcomes: dict[int, object] = {}
+
+    def patient(i):
+        outcomes[i] = llm.invoke(prompts[i])
+
+    threads = [threading.Thread(target=patient, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    hasty = []
+    for _ in range(5):  # timeouts and cancels while the others run
+        try:
+            llm.invoke(PROMPT, iterations=400, max_new_tokens=60, timeout=0.3)
+        except SearchTimeoutError as err:
+            hasty.append(err)
+    for thread in threads:
+        thread.join()
+    assert len(hasty) == 5
+    assert [outcomes[i] for i in range(3)] == alone
+
+
+def test_a_branch_may_fill_a_slot_exactly_as_in_process(tiny_models, llama_server):
+    server = llama_server(tiny_models.tiny_c, ctx=64)
+    context = ServerContext(ServerModel(server.url))
+    branch = context.new_branch([5] * 63)
+    context.append(branch, [6])  # 64 tokens: accepted, as Context accepts n_ctx
+    with pytest.raises(ContextOverflowError):
+        context.append(branch, [7])
+
+
+def test_served_answers_never_hold_the_marker_tokens_in_process_never_samples(tiny_models, llama_server, tmp_path):
+    # llama-server offers user-defined markers ("<tr>") as text; the engine masks them.
+    from tiny_gguf import MARKERS, write_tiny_model
+
+    marked = write_tiny_model(tmp_path / "marked.gguf", vocab="ab+markers", seed=1)
+    server = llama_server(marked, parallel=4, ctx=512)
+    settings = dict(iterations=30, children=3, chunk_tokens=1, max_new_tokens=20, seed=1, top_k=0)
+    served = component(tiny_models, server.url, **settings).invoke(PROMPT)
+    local = component(tiny_models, str(marked), **settings).invoke(PROMPT)
+    assert served == local
+    assert not any(marker in served for marker in MARKERS)
+
+
+def test_idle_lanes_are_freed(tiny_models, llama_server, monkeypatch):
+    # Weak-context lanes were kept forever: 24 calls, RSS from 277 MB to 1.78 GB.
+    from w2s_langchain import aligner as aligner_module
+
+    server = llama_server(tiny_models.tiny_c, parallel=4, ctx=256)
+    llm = component(tiny_models, server.url, iterations=40, max_new_tokens=20)
+
+    async def together():
+        return await asyncio.gather(*(llm.ainvoke(f"{PROMPT} {i}") for i in range(4)))
+
+    asyncio.run(together())
+    assert llm._aligner._lanes == 4
+    monkeypatch.setattr(aligner_module, "IDLE_LANE_SECONDS", 0.0)
+    llm.invoke(PROMPT, iterations=2)
+    assert llm._aligner._lanes == 1  # the first lane stays

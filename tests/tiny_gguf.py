@@ -25,7 +25,7 @@ far beyond the file, cuts, and values llama.cpp aborts the process on.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +33,7 @@ from typing import Literal
 import gguf
 import numpy as np
 
-VocabName = Literal["ab", "c"]
+VocabName = Literal["ab", "c", "ab+markers"]
 
 # Hyperparameters of the tiny llama models: a few hundred KB at F32.
 N_CTX_TRAIN = 512
@@ -60,6 +60,9 @@ BOS = "<|bos|>"
 EOS = "<|eos|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+# User-defined marker tokens, as gemma has ("<tr>", "<start_of_image>"): the tokenizer
+# reads their text as one token, and an answer must never hold them.
+MARKERS = tuple(f"<mark{i}>" for i in range(40))
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -133,11 +136,13 @@ class Vocab:
 
 
 def build_vocab(name: VocabName) -> Vocab:
-    """The shared vocabulary ``"ab"`` or the different vocabulary ``"c"``."""
-    if name == "ab":
+    """The shared vocabulary ``"ab"``, the different vocabulary ``"c"``, or ``"ab"``
+    with user-defined marker tokens after it (``"ab+markers"``)."""
+    if name in ("ab", "ab+markers"):
         # Byte tokens in byte order, then merges, then the special tokens.
         byte_tokens = [_BYTE_TO_CHAR[b] for b in range(256)]
-        return _assemble(byte_tokens, _MERGES_AB, [BOS, EOS, IM_START, IM_END], specials_first=False)
+        markers = list(MARKERS) if name == "ab+markers" else []
+        return _assemble(byte_tokens, _MERGES_AB, [BOS, EOS, IM_START, IM_END], specials_first=False, markers=markers)
     if name == "c":
         # Other ids for the same bytes: specials first, bytes by character.
         byte_tokens = sorted(_BYTE_TO_CHAR.values())
@@ -151,12 +156,13 @@ def _assemble(
     specials: list[str],
     *,
     specials_first: bool,
+    markers: Sequence[str] = (),
 ) -> Vocab:
     merges, merged = _encode_merges(set(byte_tokens), merge_pairs)
     normal = byte_tokens + merged
-    tokens = specials + normal if specials_first else normal + specials
+    tokens = (specials + normal if specials_first else normal + specials) + list(markers)
     types = [
-        gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
+        gguf.TokenType.CONTROL if t in specials else gguf.TokenType.USER_DEFINED if t in markers else gguf.TokenType.NORMAL
         for t in tokens
     ]
     return Vocab(

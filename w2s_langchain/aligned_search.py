@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from pydantic import PrivateAttr
 
 from .aligned_settings import AlignedModelSettings, search_overrides
-from .aligner import Aligner, AlignerConfig, load_named_model, prompt_room
+from .aligner import Aligner, AlignerConfig, prompt_room
 from .engine import Model
 from .engine.server import ServerModel
 from .prompts import Prompt
@@ -76,7 +76,8 @@ _aligners_lock = threading.Lock()
 
 def shared_aligner(config: AlignerConfig) -> Aligner:
     """One aligner (its contexts) per set of models and runtime settings, process-wide."""
-    key = (config.strong, config.weak, config.weak_ref, config.runtime)
+    # Whether the strong address came from a preset file decides which key it gets.
+    key = (config.strong, config.weak, config.weak_ref, config.runtime, config.strong_from_preset_file)
     with _aligners_lock:
         aligner = _aligners.get(key)
         if aligner is None:
@@ -104,8 +105,7 @@ class AlignedSearch(AlignedModelSettings):
 
     def _strong_model(self) -> Model | ServerModel:
         """The strong model (loaded on first use, or asked of its server; shared)."""
-        config = self._config
-        return load_named_model(config.strong.model, config.runtime)
+        return self._config.strong_model()
 
     def _search(
         self,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, get_args
 
-from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from .aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
 from .declared_settings import declared_settings
@@ -54,6 +54,9 @@ class _ComponentFields(BaseModel):
     each sees the prompt, streaming, the name in traces), and the config all the
     fields make. Fields are checked when set after construction too
     (`chat.iterations = -3` is refused there, and the old value stays)."""
+
+    # A refused setting's error must not repeat the fields given (an API key among them).
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     preset: str = Field(DEFAULT_PRESET, description="Preset name or path of a preset .json: the base of every setting.")
     strong: str | None = Field(

@@ -13,22 +13,24 @@ import os
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from pydantic import SecretStr
 
 from .engine import Context, LoadSettings, Model, load_model
 from .engine.context import MAX_THREADS, check_int_range, default_n_ctx
-from .engine.server import ServerContext, ServerModel, check_server_url, connect_server, is_server_url
+from .deadline import search_time_limit
+from .engine.server import ServerContext, ServerModel, check_api_key, check_server_url, connect_server, is_server_url
 from .errors import ContextOverflowError
 from .prompts import Prompt, PromptFormat, check_prompt, render
 from .registry import resolve_model
 from .search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
 from .search.strategies import Progress, stop_check
-from .template_sandbox import search_time_limit
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 # Seconds between looks at the timeout and cancel while waiting for the models.
@@ -84,9 +86,10 @@ class Runtime:
     """Map the model files into memory instead of reading them."""
     use_mlock: bool = False
     """Ask the OS to keep the weights in RAM (never swapped out)."""
-    api_key: str | None = field(default=None, repr=False)
+    api_key: SecretStr | None = field(default=None, repr=False)
     """The --api-key of the llama-server a strong model's http:// address names
-    (default: the LLAMA_API_KEY environment variable). Never logged or shown."""
+    (default: the LLAMA_API_KEY environment variable, sent only to an address given
+    directly, not one read from a preset file). Never logged or shown."""
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, so a bad value fails at construction
@@ -103,15 +106,25 @@ class Runtime:
         for name in ("use_mmap", "use_mlock"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.api_key is not None and not isinstance(self.api_key, str):
-            raise ValueError("api_key must be a string (the server's --api-key)")
+        if isinstance(self.api_key, str):  # kept as SecretStr: never shown by repr, dumps or logs
+            object.__setattr__(self, "api_key", SecretStr(self.api_key))
+        if self.api_key is not None:
+            if not isinstance(self.api_key, SecretStr) or not isinstance(self.api_key.get_secret_value(), str):
+                raise ValueError("api_key must be a string (the server's --api-key)")
+            object.__setattr__(self, "api_key", SecretStr(check_api_key(self.api_key.get_secret_value())))
         self.load_settings()  # checks n_gpu_layers
 
     def load_settings(self) -> LoadSettings:
         return LoadSettings(self.n_gpu_layers, self.use_mmap, self.use_mlock)
 
-    def server_api_key(self) -> str | None:
-        return self.api_key if self.api_key is not None else os.environ.get("LLAMA_API_KEY") or None
+    def server_api_key(self, address_given_directly: bool) -> str | None:
+        """The key to send to the strong model's server: api_key, else LLAMA_API_KEY,
+        but the environment's key only to an address the caller gave directly (a
+        preset file could name anyone's server)."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        from_env = os.environ.get("LLAMA_API_KEY", "").strip() if address_given_directly else ""
+        return check_api_key(from_env) if from_env else None
 
     def context_size(self, model: Model | ServerModel) -> int:
         """The n_ctx a context of `model` starts with (a served model's is the server's slot size)."""
@@ -201,7 +214,7 @@ def prompt_room(config: AlignerConfig, settings: SearchSettings | None = None) -
     holds the prompt twice. Loads the models (or asks the server)."""
     settings = settings or config.search
     runtime, tree = config.runtime, settings.tree_tokens()
-    strong = load_named_model(config.strong.model, runtime)
+    strong = config.strong_model()
     # Each context and the prompt formats of the roles it holds (the strong model has its own).
     contexts: dict[str, tuple[Model | ServerModel, list[PromptFormat]]] = {"strong": (strong, [config.strong.prompt])}
     for role in (config.weak, config.weak_ref):
@@ -228,6 +241,9 @@ class AlignerConfig:
     search: SearchSettings = field(default_factory=SearchSettings)
     runtime: Runtime = field(default_factory=Runtime)
     description: str = ""
+    strong_from_preset_file: bool = False
+    """Whether the strong model's address came from a preset file rather than from
+    the caller: LLAMA_API_KEY is then not sent to it (see Runtime.server_api_key)."""
 
     def __post_init__(self) -> None:
         for name in ("strong", "weak", "weak_ref"):
@@ -250,7 +266,14 @@ class AlignerConfig:
             model = models.get(name)  # "" is a (bad) model name, not "keep the preset's"
             roles[name] = Role(role.model if model is None else model, PromptFormat(**prompt) if prompt is not None else role.prompt)
         new_runtime = replace(self.runtime, **_given(runtime))
-        return replace(self, search=self.search.with_(**_given(search)), runtime=new_runtime, **roles)
+        from_file = self.strong_from_preset_file and models.get("strong") is None
+        return replace(
+            self, search=self.search.with_(**_given(search)), runtime=new_runtime, strong_from_preset_file=from_file, **roles
+        )
+
+    def strong_model(self) -> Model | ServerModel:
+        """The strong model, loaded or (for a server address) asked of its server."""
+        return load_named_model(self.strong.model, self.runtime, address_given_directly=not self.strong_from_preset_file)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AlignerConfig:
@@ -284,27 +307,52 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
 
+_MAX_PRESET_BYTES = 1_000_000
+
+
 def load_preset(name_or_path: str = DEFAULT_PRESET) -> AlignerConfig:
-    """A packaged preset by name, or a preset file by path."""
+    """A packaged preset by name ("chat"), or a preset file by path: one ending in
+    .json or naming a folder ("./mine", "presets/chat")."""
     path = Path(name_or_path)
-    if not path.suffix == ".json":
+    is_path = path.suffix == ".json" or "/" in str(name_or_path) or os.sep in str(name_or_path)
+    if not is_path:
         path = PRESETS_DIR / f"{name_or_path}.json"
         if not path.is_file():
             raise ValueError(f"unknown preset {name_or_path!r}: choose one of {', '.join(preset_names())} or give a .json file")
     elif not path.is_file():
-        raise FileNotFoundError(f"no such preset file: {path}")
+        raise FileNotFoundError(f"no such preset file: {path} (a regular .json file)")
     with open(path, encoding="utf-8") as f:
-        return AlignerConfig.from_dict(json.load(f))
+        text = f.read(_MAX_PRESET_BYTES + 1)
+    try:
+        if len(text) > _MAX_PRESET_BYTES:
+            raise ValueError(f"it is longer than {_MAX_PRESET_BYTES:,} characters")
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+        return replace(AlignerConfig.from_dict(data), strong_from_preset_file=True)
+    except RecursionError:
+        raise ValueError(f"preset {path}: nested too deeply to be a preset") from None
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"preset {path}: {err}") from None
 
 
-def load_named_model(name_or_path: str | Path, runtime: Runtime | None = None) -> Model | ServerModel:
+def load_named_model(
+    name_or_path: str | Path, runtime: Runtime | None = None, *, address_given_directly: bool = True
+) -> Model | ServerModel:
     """The model a name means, shared process-wide: the model a llama-server serves
     for an http:// or https:// address, else the loaded GGUF file of a registry
     name or a path (told apart as `registry.resolve_model` says)."""
     runtime = runtime or Runtime()
     if isinstance(name_or_path, str) and is_server_url(name_or_path):
-        return connect_server(name_or_path, runtime.server_api_key())
+        return connect_server(name_or_path, runtime.server_api_key(address_given_directly))
     return load_model(resolve_model(name_or_path), runtime.load_settings())
+
+
+MAX_LANES = 8
+# Searches one Aligner runs at once on a llama-server (each lane holds its own weak
+# contexts: memory); more wait their turn.
+IDLE_LANE_SECONDS = 60.0
+# A lane not used for this long is freed when another is given back.
 
 
 class Aligner:
@@ -317,9 +365,10 @@ class Aligner:
     def __init__(self, config: AlignerConfig):
         self.config = config
         self._models: SearchModels | None = None  # the first lane
-        self._free: list[SearchModels] = []
+        self._free: list[tuple[float, SearchModels]] = []  # (when given back, lane)
         self._lanes = 0
         self._max_lanes = 1  # until a llama-server says how many slots it has
+        self._waiting: deque[object] = deque()  # callers waiting for a lane, first come first served
         self._lanes_changed = threading.Condition()
         self._warned: set[int] = set()  # ids of the contexts already found too small
 
@@ -335,49 +384,74 @@ class Aligner:
         `on_commit` gets the answer's pieces as a streaming search commits them.
         The timeout bounds the whole call: waiting for a free lane, loading the
         models on first use (which cannot be interrupted: a load that ends past the
-        deadline stops the call right after), and the search."""
+        deadline stops the call right after), every request to a llama-server, and
+        the search."""
         started = time.perf_counter()
         check_prompt(prompt)  # before anything else: a bad prompt must not wait for models to load
         settings = settings or self.config.search
         check = stop_check(settings, cancel, started)
-        models = self._take_lane(check)
-        try:
-            check()
-            if isinstance(models.strong, ServerContext):
-                models.strong.n_probs = _server_n_probs(settings, models.strong.model)
-            with search_time_limit(settings.timeout, started):  # chat templates render within the search's time
+        with search_time_limit(settings.timeout, started):  # renders and server requests end with the call
+            models = self._take_lane(check)
+            try:
+                check()
+                if isinstance(models.strong, ServerContext):
+                    self._follow_server(models)
+                    models.strong.n_probs = _server_n_probs(settings, models.strong.model)
                 self._make_room(models, prompt, settings)
                 contexts = [models.strong, *models.proxy.contexts]
                 evicted_before = [c.stats.evictions_for_cells for c in contexts]
                 result = search(models, prompt, settings, progress, cancel, started, on_commit)
-            self._warn_if_cramped(contexts, evicted_before)
-            return result
-        finally:
-            self._give_back(models)
+                self._warn_if_cramped(contexts, evicted_before)
+                return result
+            finally:
+                self._give_back(models)
+
+    def _follow_server(self, models: SearchModels) -> None:
+        """Ask the strong model's server what it serves now: after a restart with
+        another model or slot size, the lane gets a context of the new one (what was
+        learned of the old vocabulary is not used on the new)."""
+        served = self.config.strong_model()
+        if served is not models.strong.model:
+            models.strong = ServerContext(served)
+            with self._lanes_changed:
+                self._max_lanes = min(served.slots, MAX_LANES)
+                self._lanes_changed.notify_all()
 
     def _take_lane(self, check) -> SearchModels:
         """A free lane, a new one while there are fewer than the slots allow, or
         (waiting in short steps, so a timeout or a cancel ends the wait) the next one
-        given back."""
+        given back. Waiting callers are served in the order they came."""
+        me = object()
         with self._lanes_changed:
-            while not self._free and self._lanes >= self._max_lanes:
-                self._lanes_changed.wait(_WAIT_STEP)
-                check()
+            self._waiting.append(me)
+            try:
+                while self._waiting[0] is not me or (not self._free and self._lanes >= self._max_lanes):
+                    self._lanes_changed.wait(_WAIT_STEP)
+                    check()
+            finally:
+                self._waiting.remove(me)
+                self._lanes_changed.notify_all()  # the next in line may go now
             if self._free:
-                return self._free.pop()
+                return self._free.pop()[1]
             self._lanes += 1
         try:
             return self._load() if self._models is None else self._new_lane()
         except BaseException:
             with self._lanes_changed:
                 self._lanes -= 1
-                self._lanes_changed.notify()
+                self._lanes_changed.notify_all()
             raise
 
     def _give_back(self, models: SearchModels) -> None:
+        """Return a lane; lanes idle for IDLE_LANE_SECONDS (the first one aside) are
+        freed, so that a burst of concurrent calls does not hold its memory forever."""
+        now = time.monotonic()
         with self._lanes_changed:
-            self._free.append(models)
-            self._lanes_changed.notify()
+            self._free.append((now, models))
+            kept = [lane for lane in self._free if now - lane[0] <= IDLE_LANE_SECONDS or lane[1] is self._models]
+            self._lanes -= len(self._free) - len(kept)
+            self._free = kept
+            self._lanes_changed.notify_all()
 
     def _warn_if_cramped(self, contexts: list[Context], evicted_before: list[int]) -> None:
         """Say so, once per context, when its KV cache was too small for a search to
@@ -404,7 +478,7 @@ class Aligner:
             self._models = self._new_lane()
             if isinstance(self._models.strong, ServerContext):
                 with self._lanes_changed:
-                    self._max_lanes = max(1, self._models.strong.model.slots)
+                    self._max_lanes = min(self._models.strong.model.slots, MAX_LANES)
                     self._lanes_changed.notify_all()
         return self._models
 
@@ -420,17 +494,25 @@ class Aligner:
             return contexts[key]
 
         proxy = Proxy(WeakScorer(context_for(cfg.weak), cfg.weak.prompt), WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt))
-        strong_model = load_named_model(cfg.strong.model, rt)
+        strong_model = cfg.strong_model()
         # The strong model gets a context of its own even when it is also a weak one.
         strong = ServerContext(strong_model) if isinstance(strong_model, ServerModel) else rt.new_context(strong_model)
         return SearchModels(strong, cfg.strong.prompt, proxy)
 
     def _make_room(self, models: SearchModels, prompt: Prompt, settings: SearchSettings) -> None:
         """Size every context of the lane for this search before it starts. A
-        search that cannot fit (its prompts and one answer per role) is refused
-        with the numbers. One whose tree would not stay resident gets a bigger
-        context, up to the model's training context, when n_ctx is not set;
-        otherwise it is told, before it starts, that it will evict and re-read."""
+        search that cannot fit (its prompts and one answer per role, or one step's
+        next-token rows in memory) is refused with the numbers. One whose tree
+        would not stay resident gets a bigger context, up to the model's training
+        context, when n_ctx is not set; otherwise it is told, before it starts,
+        that it will evict and re-read."""
+        rows = settings.branches_per_step * models.strong.model.n_vocab * 8  # a float64 row per branch
+        if rows > _MAX_ROW_BYTES:
+            raise ValueError(
+                f"a step of {settings.branches_per_step:,} branches over the {models.strong.model.n_vocab:,}-token "
+                f"vocabulary of {models.strong.model.name} needs {rows / 2**30:.1f} GB of next-token rows, more than "
+                f"{_MAX_ROW_BYTES // 2**30} GB: lower samples, beam_width, parallel_leaves or children"
+            )
         for need in context_needs(models, prompt, settings):
             context = need.context
             largest = self.config.runtime.largest_context(context.model)
@@ -487,11 +569,27 @@ _OVERFLOW_ADVICE = (
 )
 
 
+_MAX_ROW_BYTES = 2 * 2**30
+# Memory one step's next-token rows may take (each branch a row of n_vocab numbers).
+
 # Tokens besides top_k that a server's list may hold and the sampler drops (control tokens).
 _N_PROBS_MARGIN = 16
 
 
+# Beyond this many tokens a step, a served top_k=0 costs megabytes of JSON per branch and step.
+_LARGE_N_PROBS = 4096
+
+
 def _server_n_probs(settings: SearchSettings, model: ServerModel) -> int:
     """How many of the most likely next tokens to ask a server for: all that top_k
-    keeps (the whole vocabulary when top_k is 0), and a margin for dropped ones."""
+    keeps (the whole vocabulary when top_k is 0, with a warning for a large one),
+    and a margin for dropped ones."""
+    if settings.top_k == 0 and model.n_vocab > _LARGE_N_PROBS:
+        warnings.warn(
+            f"top_k=0 asks {model.name} for all {model.n_vocab:,} tokens' probabilities at every step of every "
+            f"branch (about {model.n_vocab * 100 / 1e6:.0f} MB of JSON each), which is slow: set top_k "
+            "(e.g. 50) unless the whole distribution matters",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return model.n_vocab if settings.top_k == 0 else min(model.n_vocab, settings.top_k + _N_PROBS_MARGIN)

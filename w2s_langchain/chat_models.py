@@ -59,9 +59,12 @@ def to_conversation(messages: list[BaseMessage]) -> list[Message]:
                 f"{type(message).__name__} is not supported: use system, human and AI messages (no tools)"
             )
         if not isinstance(message.content, str):
-            text = [p.get("text", "") if isinstance(p, dict) else str(p) for p in message.content]
             if any(isinstance(p, dict) and p.get("type") not in (None, "text") for p in message.content):
                 raise ValueError("only text content is supported (no images or other media)")
+            text = [p.get("text", "") if isinstance(p, dict) else p for p in message.content]
+            if not all(isinstance(t, str) for t in text):
+                bad = next(t for t in text if not isinstance(t, str))
+                raise ValueError(f"a content part's text must be a string, got {type(bad).__name__} {bad!r:.60}")
             conversation.append({"role": role, "content": "".join(text)})
         else:
             conversation.append({"role": role, "content": message.content})

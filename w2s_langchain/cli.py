@@ -19,11 +19,14 @@ result's object carries it).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Literal, get_origin
+
+from pydantic import SecretStr
 
 from .aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
 from .declared_settings import declared_settings
@@ -88,6 +91,8 @@ def _value_type(options: tuple) -> type:
     for option in options:
         if option in (bool, int, float, str):
             return option
+        if option is SecretStr:  # an API key: text, kept secret once read
+            return str
         if get_origin(option) is Literal:
             return str
         if get_origin(option) is tuple:
@@ -130,13 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err, EXIT_INTERRUPTED, as_json)
     except (W2SError, ValueError, OSError) as err:
         return _report(err, EXIT_NO_ANSWER, as_json)
+    except Exception as err:  # a bug, or memory running out: still JSON for a caller that parses it
+        if not as_json:
+            raise
+        return _report(err, EXIT_NO_ANSWER, as_json)
     tree_error = None
     if args.tree:
         try:
-            args.tree.write_text(
-                json.dumps(result.tree_dict(), indent=1) if args.tree.suffix == ".json" else tree_to_html(result.tree_dict()),
-                encoding="utf-8",
-            )
+            text = json.dumps(result.tree_dict(), indent=1) if args.tree.suffix == ".json" else tree_to_html(result.tree_dict())
+            with open(_open_for_writing(args.tree), "w", encoding="utf-8") as tree_file:
+                tree_file.write(text)
         except OSError as err:  # a disk that filled up during the search: the answer still counts
             tree_error = OSError(f"the tree was not written to {args.tree}: {err.strerror or err}")
     if args.json:
@@ -156,11 +164,26 @@ def check_writable(path: Path) -> None:
     """Refuse an output file that cannot be written, before the work that fills it."""
     if path.is_dir():
         raise IsADirectoryError(f"--tree {path} is a directory: give a file name")
+    if path.is_fifo() or path.is_socket():  # writing one waits for a reader, maybe forever
+        raise OSError(f"--tree {path} is a pipe or a socket, not a file: give a file name")
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"--tree {path}: there is no directory {folder}")
     if not os.access(folder if not path.exists() else path, os.W_OK):
         raise PermissionError(f"--tree {path}: not allowed to write there")
+
+
+def _open_for_writing(path: Path) -> int:
+    """A descriptor to write `path` with, opened without waiting: a pipe made during
+    the search that no process reads is refused at once, instead of blocking."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, f"--tree {path} is a pipe that no process reads: give a file name") from None
+        raise
+    os.set_blocking(descriptor, True)
+    return descriptor
 
 
 def _error_dict(err: BaseException, code: int) -> dict:

@@ -27,7 +27,7 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SecretStr, field_serializer
 
 from .aligned_search import AlignedSearch, generation_info, in_thread, iterate_in_thread
 from .prompts import Message
@@ -58,6 +58,11 @@ class W2SAlignedLlamaIndexLLM(AlignedSearch, CustomLLM):
     @classmethod
     def class_name(cls) -> str:
         return "W2SAlignedLlamaIndexLLM"
+
+    @field_serializer("api_key")
+    def _masked_key(self, key: SecretStr | None) -> str | None:
+        """LlamaIndex's to_dict / to_json dump the fields as plain data: the key as stars."""
+        return None if key is None else str(key)
 
     @property
     def metadata(self) -> LLMMetadata:

@@ -46,8 +46,9 @@ def free_port() -> int:
 class LocalLlamaServer:
     """A llama-server child process serving one GGUF file on 127.0.0.1.
 
-    `parallel` slots, each holding `ctx` tokens (llama-server's -c; default: the
-    model's training context).
+    `parallel` slots, each holding `ctx` tokens (default: the model's training
+    context). llama-server's `-c` is the KV cache of all slots together, split
+    evenly among them, so the server is started with `-c ctx * parallel`.
     Flash attention is off, as in this package's own contexts, so that on the
     same model the server's probabilities match the in-process engine's."""
 
@@ -89,7 +90,7 @@ class LocalLlamaServer:
             "--swa-full",
         ]
         if self.ctx:
-            command += ["-c", str(self.ctx)]
+            command += ["-c", str(self.ctx * self.parallel)]
         command += self.options
         env = dict(os.environ)
         if self.api_key:  # through the environment, so it never shows in the process list

@@ -73,6 +73,11 @@ Prompt = str | list[Message]
 _ROLES = ("system", "user", "assistant")
 
 
+MAX_MESSAGES = 10_000
+# A chat template renders a conversation within its 1 s bound up to about 30,000
+# short messages (ChatML, measured); no model context holds that many turns anyway.
+
+
 def check_prompt(prompt: Prompt) -> None:
     """A clear error for an empty prompt, a malformed conversation, or text that
     UTF-8 cannot encode."""
@@ -83,6 +88,11 @@ def check_prompt(prompt: Prompt) -> None:
         return
     if not isinstance(prompt, list) or not prompt:
         raise ValueError("a conversation must be a non-empty list of messages")
+    if len(prompt) > MAX_MESSAGES:
+        raise ValueError(
+            f"the conversation has {len(prompt):,} messages, more than the {MAX_MESSAGES:,} a chat template is "
+            "given time to render: keep the recent ones (or summarise the rest)"
+        )
     for i, message in enumerate(prompt):
         if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content"), str):
             raise ValueError(f'each message needs a role ({", ".join(_ROLES)}) and text content, got {message!r}')

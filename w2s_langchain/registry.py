@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from w2s_langchain.errors import (
 MODELS_DIR_ENV = "W2S_MODELS_DIR"
 # Which files of a models directory passed the sha256 check (see _verify_once).
 VERIFIED_RECORD = ".verified.json"
+_MAX_RECORD_BYTES = 16_000_000  # a few lines per model file: far more than any record needs
 
 # (bytes done, bytes total) while joining a model's parts.
 ProgressCallback = Callable[[int, int], None]
@@ -320,8 +322,14 @@ def _fingerprint(entry: ModelEntry, stat: os.stat_result) -> dict[str, Any]:
 def _read_record(directory: Path) -> dict[str, Any]:
     """File name -> fingerprint of the files of ``directory`` that passed."""
     try:
-        with open(directory / VERIFIED_RECORD, encoding="utf-8") as record_file:
-            files = json.load(record_file)["files"]
+        # Opened without blocking and read only if it is a regular file of bounded
+        # size: a FIFO would hang the open or the read, a link to /dev/zero never ends.
+        descriptor = os.open(directory / VERIFIED_RECORD, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(descriptor, encoding="utf-8") as record_file:
+            status = os.fstat(record_file.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_size > _MAX_RECORD_BYTES:
+                return {}
+            files = json.loads(record_file.read(_MAX_RECORD_BYTES + 1))["files"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         # No record, or a damaged one (RecursionError: nested too deeply for the json
         # parser): the files are only hashed again, and the record written anew.

@@ -10,7 +10,6 @@ format widths that grow without end). Real templates stay far below each of them
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -20,14 +19,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from jinja2 import Environment, TemplateError, Undefined, nodes
+from jinja2 import Environment, Template, TemplateError, Undefined, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
 from markupsafe import EscapeFormatter, Markup
 
-from .errors import SearchTimeoutError
+from .deadline import current_deadline
 
 RENDER_SECONDS = 1.0
 # Real templates render in about a millisecond; a second leaves room for a slow, busy
@@ -56,32 +55,24 @@ class _OverBudget(Exception):
     """A render went past one of the bounds at the top of this module."""
 
 
-# (time.perf_counter() by which a search must end, its timeout) while one runs in this thread.
-_search_deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
-    "w2s_search_deadline", default=None
-)
-
-
-@contextlib.contextmanager
-def search_time_limit(timeout: float | None, started: float) -> Iterator[None]:
-    """Renders inside the block end when a search of `timeout` seconds that began at
-    `started` (a time.perf_counter()) must, with SearchTimeoutError: a template may
-    run for a second, a search of 0.3 s may not."""
-    token = _search_deadline.set((started + timeout, timeout) if timeout is not None else None)
-    try:
-        yield
-    finally:
-        _search_deadline.reset(token)
-
-
 def render_template(template: str, **variables: Any) -> str:
     """`template` rendered with `variables` within the bounds above, and with
     `raise_exception` for a template to refuse its input. Raises whatever the template
     does; `why_unusable` says what that means."""
     if len(template) > MAX_TEMPLATE_CHARS:
         raise _OverBudget(f"it is {len(template):,} characters long, more than the {MAX_TEMPLATE_CHARS:,} allowed")
-    env = _BoundedSandbox(_RenderBudget())
-    return env.from_string(template).render(**variables, raise_exception=_raise_exception)
+    compiled = _compiled(template)
+    token = _render_budget.set(_RenderBudget())
+    try:
+        return compiled.render(**variables, raise_exception=_raise_exception)
+    finally:
+        _render_budget.reset(token)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(template: str) -> Template:
+    """A template compiled once (it renders on every prompt; compiling takes far longer)."""
+    return _SANDBOX.from_string(template)
 
 
 def _raise_exception(message: str) -> None:
@@ -103,23 +94,19 @@ def why_unusable(err: Exception) -> str:
 
 
 class _RenderBudget:
-    """What one render may still spend: time until its deadline, and characters."""
+    """What one render may still spend: its own CPU time (other threads' work on a
+    busy machine does not count against it), the call's deadline, and characters."""
 
     def __init__(self) -> None:
-        self.deadline = time.perf_counter() + RENDER_SECONDS
+        self.cpu_deadline = time.thread_time() + RENDER_SECONDS
+        self.call = current_deadline()
         self.chars_left = RENDER_BUDGET_CHARS
-        self.search_timeout = None  # set when the search's deadline comes first
-        search = _search_deadline.get()
-        if search is not None and search[0] < self.deadline:
-            self.deadline, self.search_timeout = search
 
     def check(self, chars: int = 0) -> None:
         """Refuse work of `chars` characters before doing it (and check the time)."""
-        if time.perf_counter() > self.deadline:
-            if self.search_timeout is not None:
-                raise SearchTimeoutError(
-                    f"the search ran past its timeout of {self.search_timeout} s while rendering a chat template"
-                )
+        if self.call is not None and time.perf_counter() > self.call.at:
+            raise self.call.passed("rendering a chat template")
+        if time.thread_time() > self.cpu_deadline:
             raise _OverBudget(f"it runs longer than {RENDER_SECONDS:g} s")
         if chars > self.chars_left:
             raise _OverBudget(f"it builds more than {RENDER_BUDGET_CHARS:,} characters")
@@ -128,6 +115,10 @@ class _RenderBudget:
         """Account for `chars` characters just built."""
         self.check(chars)
         self.chars_left -= chars
+
+
+# The budget of the render running in this thread.
+_render_budget: contextvars.ContextVar[_RenderBudget] = contextvars.ContextVar("w2s_render_budget")
 
 
 class _CheckedCodeGenerator(CodeGenerator):
@@ -154,11 +145,14 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _CheckedCodeGenerator
     intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})  # every binary operator Jinja has
 
-    def __init__(self, budget: _RenderBudget):
+    def __init__(self) -> None:
         super().__init__(trim_blocks=True, lstrip_blocks=True)
-        self.budget = budget
         del self.globals["lipsum"]  # lorem ipsum paragraphs: no use to a chat template, and slow in bulk
         self.filters = {name: self._checked_filter(name, f) for name, f in self.filters.items()}
+
+    @property
+    def budget(self) -> _RenderBudget:
+        return _render_budget.get()
 
     def concat(self, pieces: Iterable[Any]) -> str:
         """Joins the output, captured blocks, macro results and `~` concatenations."""
@@ -245,12 +239,15 @@ class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
     """The same for a `Markup` format string (whose fields are escaped)."""
 
 
+_SANDBOX = _BoundedSandbox()  # one for every render: the budget is each render's own
+
+
 # --- sizes, known before the work -----------------------------------------------------
 
 
 def _size(value: Any) -> int:
     """About how many characters `value` takes as text."""
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes, bytearray)):  # bytes (from str.encode) build as strings do
         return len(value)
     if isinstance(value, (list, tuple)):
         return sum(_size(item) + 4 for item in value)
@@ -286,8 +283,9 @@ def _operator_size(operator: str, left: Any, right: Any) -> int:
     if operator == "*" and (isinstance(left, int) or isinstance(right, int)):  # repetition
         count, sequence = (left, right) if isinstance(left, int) else (right, left)
         return max(count, 0) * _size(sequence)
-    if operator == "%" and isinstance(left, str):
-        return _size(left) + _size(right) + _format_widths(left, right if isinstance(right, tuple) else (right,))
+    if operator == "%" and isinstance(left, (str, bytes)):
+        fmt = left.decode("latin-1") if isinstance(left, bytes) else left
+        return _size(left) + _size(right) + _format_widths(fmt, right if isinstance(right, tuple) else (right,))
     return _size(left) + _size(right)
 
 
@@ -300,13 +298,21 @@ def _call_size(name: str | None, subject: Any, args: tuple, kwargs: dict, *, met
     if name == "join":
         items, separator = (args[0], subject) if method else (subject, _arg(args, kwargs, 0, "d", ""))
         return size + _size(items) + _size(separator) * len(items)
-    if not isinstance(subject, str):
+    if not isinstance(subject, (str, bytes)):
         return size
+    if name == "translate":  # each character may become a whole string
+        table = args[0] if args else kwargs.get("table")
+        longest = max((_size(v) for v in table.values()), default=1) if isinstance(table, dict) else 1
+        return size + len(subject) * max(longest, 1)
+    if isinstance(subject, bytes):
+        subject = subject.decode("latin-1")  # sizes alike: one character a byte
+        args = tuple(a.decode("latin-1") if isinstance(a, bytes) else a for a in args)
     if name in ("format", "format_map"):
         return size + len(subject) + _format_widths(subject, args) + _size(args) + _size(kwargs)
     if name == "replace":
         old, new = _arg(args, kwargs, 0, "old", ""), _arg(args, kwargs, 1, "new", "")
-        return size + len(subject) + (subject.count(str(old)) + 1) * _size(new)
+        occurrences = subject.count(old) if isinstance(old, str) else len(subject)
+        return size + len(subject) + (occurrences + 1) * _size(new)
     if name == "indent":
         width = _arg(args, kwargs, 0, "width", 4)
         return size + len(subject) + (subject.count("\n") + 1) * (width if isinstance(width, int) else _size(width))
@@ -330,10 +336,10 @@ def _format_widths(fmt: str, args: Iterable[Any] = ()) -> int:
 
 
 def _str_method(obj: Any) -> tuple[str | None, Any]:
-    """("join", "sep") for "sep".join, and so on; (None, None) for anything else."""
+    """("join", "sep") for "sep".join (and b"sep".join), and so on; (None, None) for anything else."""
     method = inspect.unwrap(obj)  # the sandbox wraps str.format
     text = getattr(method, "__self__", None)
-    return (getattr(method, "__name__", None), text) if isinstance(text, str) else (None, None)
+    return (getattr(method, "__name__", None), text) if isinstance(text, (str, bytes)) else (None, None)
 
 
 def _is_plain_iterator(value: Any) -> bool:

@@ -345,15 +345,21 @@ class Context:
         """Run the jobs together when they fit, else in smaller groups: more
         branches than sequence ids, or than the KV cache holds at once, still work."""
         limit = self.n_seq_max if self.reuse_prefixes else 1  # naive: one sequence at a time
-        if len(jobs) > limit:
-            return self._run_in_groups(jobs[:limit]) + self._run_in_groups(jobs[limit:])
+        results: list = []
+        for start in range(0, len(jobs), limit):  # a loop, not recursion: any number of jobs
+            results += self._run_halving(jobs[start : start + limit])
+        return results
+
+    def _run_halving(self, jobs: list[_Job]) -> list:
+        """Run jobs together, in halves (and so on) when the KV cache cannot hold
+        them all: recursion as deep as log2(n_seq_max)."""
         try:
             return self._run_together(jobs)
         except ContextFullError:
             if len(jobs) == 1:
                 raise
             half = len(jobs) // 2
-            return self._run_in_groups(jobs[:half]) + self._run_in_groups(jobs[half:])
+            return self._run_halving(jobs[:half]) + self._run_halving(jobs[half:])
 
     def _run_together(self, jobs: list[_Job]) -> list:
         protected = tuple(job.branch for job in jobs)

@@ -168,6 +168,9 @@ _LLAMA_MAX_EXPERTS = 1024
 _GGUF_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _TOKENS_KEY = "tokenizer.ggml.tokens"
+_TOKEN_TYPES_KEY = "tokenizer.ggml.token_type"
+# llama.cpp's token types (llama_token_type) of control and user-defined tokens.
+_CONTROL_TYPE, _USER_DEFINED_TYPE = 3, 4
 
 
 class _GGUFHeaderReader:
@@ -180,7 +183,7 @@ class _GGUFHeaderReader:
         self.left = os.fstat(file.fileno()).st_size - file.tell()
 
     def metadata(self) -> dict[str, object]:
-        """The architecture, the integer values and the token list; {} for a GGUF
+        """The architecture, the integer values, the token list and the token types; {} for a GGUF
         version this reader does not know (llama.cpp explains what it refuses)."""
         if self.number("I", "the version") not in (2, 3):
             return {}
@@ -208,8 +211,8 @@ class _GGUFHeaderReader:
             raise ModelLoadError(f"{self.path} is corrupt: metadata key {key!r} has unknown value type {kind}")
         item_kind, count = self.number("I", key), self.number("Q", key)
         if item_kind in _GGUF_FIXED:
-            self.take(count * struct.calcsize(_GGUF_FIXED[item_kind]), key)
-            return None
+            items = self.take(count * struct.calcsize(_GGUF_FIXED[item_kind]), key)
+            return np.frombuffer(items, dtype="<" + _GGUF_FIXED[item_kind]) if key == _TOKEN_TYPES_KEY else None
         if item_kind != _GGUF_STRING:
             raise ModelLoadError(
                 f"{self.path} is corrupt: metadata key {key!r} is an array of unknown type {item_kind}"
@@ -235,6 +238,27 @@ class _GGUFHeaderReader:
                 f"{self.path} is corrupt or truncated: {what} would take {n:,} bytes, "
                 f"but only {self.left:,} are left in the file"
             )
+
+
+def marker_token_ids(path: Path, n_vocab: int) -> np.ndarray:
+    """Ids of the tokens a GGUF file marks as control or user-defined, except those
+    whose text is only whitespace (what `Model.never_sampled` keeps out of answers,
+    end-of-generation aside), read from its header without loading the model: for
+    a model served by a llama-server on this machine. Empty when the file cannot be
+    read or its vocabulary is not of `n_vocab` tokens (then it is not that model)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != _GGUF_MAGIC:
+                return np.zeros(0, dtype=np.int64)
+            metadata = _GGUFHeaderReader(path, f).metadata()
+    except (OSError, ModelLoadError):
+        return np.zeros(0, dtype=np.int64)
+    types, tokens = metadata.get(_TOKEN_TYPES_KEY), metadata.get(_TOKENS_KEY)
+    if types is None or tokens is None or len(types) != n_vocab or len(tokens) != n_vocab:
+        return np.zeros(0, dtype=np.int64)
+    marked = np.flatnonzero((types == _CONTROL_TYPE) | (types == _USER_DEFINED_TYPE))
+    # SentencePiece vocabularies write a space as U+2581.
+    return np.array([t for t in marked if tokens[t].decode("utf-8", "replace").replace("\u2581", " ").strip()], dtype=np.int64)
 
 
 def _check_hyperparameters(path: Path, metadata: dict[str, object]) -> None:

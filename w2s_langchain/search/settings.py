@@ -19,6 +19,17 @@ from .tree import SELECTIONS, SelectionRule
 # BACKUPS in tree.py, the strategies in strategies.py) is keyed by exactly these;
 # tests/test_settings_declared_once.py checks it.
 Strategy = Literal["w2s", "bon", "cbs", "base"]
+
+MAX_BRANCHES_PER_STEP = 4096
+# Branches one step may decode together: each gets a row of n_vocab next-token
+# probabilities (1 GB of float32 rows at 4,096 x 65k tokens), and far more take
+# minutes a step on CPUs. Real settings stay below a hundred.
+_MOST = {
+    "iterations": 1_000_000, "children": MAX_BRANCHES_PER_STEP, "chunk_tokens": 1 << 20, "parallel_leaves": MAX_BRANCHES_PER_STEP,
+    "num_select": MAX_BRANCHES_PER_STEP, "samples": MAX_BRANCHES_PER_STEP, "beam_width": MAX_BRANCHES_PER_STEP,
+    "max_new_tokens": 1 << 20, "token_budget": 1 << 40,
+}
+# The most each whole-number setting can be (max_new_tokens: no context holds more).
 SelectionName = Literal["ea-puct", "puct", "uct"]
 Backup = Literal["max", "mean"]
 TerminalReward = Literal["-inf", "eos"]
@@ -132,6 +143,14 @@ class SearchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+            if value > _MOST[name]:
+                raise ValueError(f"{name}={value:,} is more than the {_MOST[name]:,} a search can use: lower it")
+        if self.branches_per_step > MAX_BRANCHES_PER_STEP:
+            raise ValueError(
+                f"a {self.strategy} search with these settings grows {self.branches_per_step:,} branches at once "
+                f"(samples, beam_width x children or parallel_leaves x children), more than the "
+                f"{MAX_BRANCHES_PER_STEP:,} that fit in memory and time: lower them"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # numpy's rule
             raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
         for name in ("c", "entropy_weight", "beta"):
@@ -169,6 +188,14 @@ class SearchSettings:
         if self.strategy == "cbs":
             return self.beam_width * self.children * n
         return n
+
+    @property
+    def branches_per_step(self) -> int:
+        """Branches one step of the strategy decodes together (each gets a row of
+        next-token probabilities, n_vocab wide)."""
+        return {"bon": self.samples, "base": 1, "cbs": self.beam_width * self.children}.get(
+            self.strategy, self.parallel_leaves * self.children
+        )
 
     @property
     def selection_rule(self) -> SelectionRule:
