@@ -31,6 +31,8 @@ from .search.strategies import Progress, stop_check
 from .template_sandbox import search_time_limit
 
 PRESETS_DIR = Path(__file__).with_name("presets")
+# Answers `Aligner.values` scores together.
+_VALUES_BATCH = 8
 # Seconds between looks at the timeout and cancel while waiting for the models.
 _WAIT_STEP = 0.05
 DEFAULT_PRESET = "sentiment"
@@ -135,10 +137,15 @@ class AlignerConfig:
     search: SearchSettings = field(default_factory=SearchSettings)
     runtime: Runtime = field(default_factory=Runtime)
     description: str = ""
+    ensemble_prompts: tuple[tuple[PromptFormat, PromptFormat], ...] = ()
+    """More (aligned, reference) prompts for the weak and weak_ref models:
+    paraphrases of the preference, averaged into V with the search setting `ensemble`."""
 
     def __post_init__(self) -> None:
         for name in ("strong", "weak", "weak_ref"):
             getattr(self, name).check(name)
+        if len(self.ensemble_prompts) > _MAX_ENSEMBLE:
+            raise ValueError(f"ensemble_prompts holds {len(self.ensemble_prompts)} pairs: at most {_MAX_ENSEMBLE}")
 
     def with_overrides(
         self,
@@ -172,6 +179,7 @@ class AlignerConfig:
                 search=SearchSettings(**data.get("search", {})),
                 runtime=Runtime(**data.get("runtime", {})),
                 description=data.get("description", ""),
+                ensemble_prompts=_ensemble_prompts(data.get("ensemble_prompts", [])),
             )
         except KeyError as err:
             raise ValueError(f"a preset needs {err.args[0]!r}") from None
@@ -181,6 +189,21 @@ class AlignerConfig:
 
 def _given(changes: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (changes or {}).items() if v is not None}
+
+
+_MAX_ENSEMBLE = 16  # pairs of prompts beyond the main one; each costs two weak readings per answer
+
+
+def _ensemble_prompts(data: Any) -> tuple[tuple[PromptFormat, PromptFormat], ...]:
+    """A preset's `ensemble_prompts`: a list of {"weak": {prompt}, "weak_ref": {prompt}}."""
+    if not isinstance(data, list):
+        raise ValueError('ensemble_prompts must be a list of {"weak": {...prompt...}, "weak_ref": {...prompt...}} objects')
+    pairs = []
+    for i, pair in enumerate(data):
+        if not isinstance(pair, dict) or set(pair) != {"weak", "weak_ref"} or not all(isinstance(v, dict) for v in pair.values()):
+            raise ValueError(f'ensemble_prompts[{i}] must be an object with exactly "weak" and "weak_ref" prompt objects')
+        pairs.append((PromptFormat(**pair["weak"]), PromptFormat(**pair["weak_ref"])))
+    return tuple(pairs)
 
 
 def _role(data: dict[str, Any]) -> Role:
@@ -260,6 +283,37 @@ class Aligner:
         finally:
             self._give_back(models)
 
+    def values(self, prompt: Prompt, answers: list[str], settings: SearchSettings | None = None) -> list[float]:
+        """The proxy value V of each answer to `prompt`, as a search computes it
+        (the same weak prompts, beta, ensemble and length normalization), for the
+        answer text as it is: no end token is scored. Used by `check`."""
+        check_prompt(prompt)
+        settings = settings or self.config.search
+        if settings.ensemble and not self.config.ensemble_prompts:
+            raise ValueError("the ensemble setting needs `ensemble_prompts` in the preset, or turn `ensemble` off")
+        for answer in answers:
+            if not isinstance(answer, str):
+                raise ValueError(f"an answer must be a string, got {type(answer).__name__}")
+        models = self._take_lane(stop_check(settings, None))
+        proxy = models.proxy
+        proxy.beta, proxy.use_ensemble, proxy.length_normalized = settings.beta, settings.ensemble, settings.length_normalized
+        values: list[float] = []
+        try:
+            self._check_fits(models, prompt, settings)
+            root = proxy.start(prompt)
+            try:
+                # A few at a time: each answer holds a branch per weak role until released.
+                for i in range(0, len(answers), _VALUES_BATCH):
+                    states = proxy.extend([root] * len(answers[i : i + _VALUES_BATCH]), answers[i : i + _VALUES_BATCH])
+                    values += [state.value for state in states]
+                    for state in states:
+                        proxy.release(state)
+            finally:
+                proxy.release(root)
+        finally:
+            self._give_back(models)
+        return values
+
     def _take_lane(self, check) -> SearchModels:
         """A free lane, a new one while there are fewer than the slots allow, or
         (waiting in short steps, so a timeout or a cancel ends the wait) the next one
@@ -324,7 +378,12 @@ class Aligner:
                 contexts[key] = rt.new_context(model)
             return contexts[key]
 
-        proxy = Proxy(WeakScorer(context_for(cfg.weak), cfg.weak.prompt), WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt))
+        aligned, reference = context_for(cfg.weak), context_for(cfg.weak_ref)
+        proxy = Proxy(
+            WeakScorer(aligned, cfg.weak.prompt),
+            WeakScorer(reference, cfg.weak_ref.prompt),
+            ensemble=tuple((WeakScorer(aligned, a), WeakScorer(reference, r)) for a, r in cfg.ensemble_prompts),
+        )
         strong_model = load_named_model(cfg.strong.model, rt)
         # The strong model gets a context of its own even when it is also a weak one.
         strong = ServerContext(strong_model) if isinstance(strong_model, ServerModel) else rt.new_context(strong_model)
@@ -336,7 +395,7 @@ class Aligner:
         rebuilt as needed). A weak tokenizer may need more tokens than the strong
         one for the same text: we allow it twice as many."""
         paths = [(models.strong, models.strong_format, settings.max_new_tokens)]
-        paths += [(s.context, s.prompt_format, 2 * settings.max_new_tokens) for s in models.proxy.scorers]
+        paths += [(s.context, s.prompt_format, 2 * settings.max_new_tokens) for s in models.proxy.all_scorers]
         for context, prompt_format, answer_tokens in paths:
             prompt_tokens = len(render(context.model, prompt_format, prompt).tokenize_with(context.model, ""))
             if prompt_tokens + answer_tokens > context.n_ctx:

@@ -54,6 +54,11 @@ def search(
     check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
+    if settings.ensemble and (models.proxy is None or len(models.proxy.pairs) < 2):
+        raise ValueError(
+            "the ensemble setting needs more aligned/reference prompt pairs: add `ensemble_prompts` to the preset, "
+            "or turn `ensemble` off"
+        )
     run = _Run(models, prompt, settings, progress or (lambda done, total, what: None), cancel, started)
     with run.active():
         return _STRATEGIES[settings.strategy](run)
@@ -103,6 +108,8 @@ class _Run:
             c.interrupt = self.check  # also between the pieces of a long decode (a long prompt)
         if self.proxy is not None:
             self.proxy.beta = self.settings.beta
+            self.proxy.use_ensemble = self.settings.ensemble
+            self.proxy.length_normalized = self.settings.length_normalized
         try:
             yield
         finally:
@@ -171,6 +178,13 @@ class _Run:
                 node.value = node.eos_value if terminal_reward == "eos" else NEG_INF
             node.own_value = node.value
 
+    def final_score(self, node: Node, value: float) -> float:
+        """What a final choice maximizes: V, plus with `kl_weight` the answer's
+        log-prob under the strong model's sampling (the KL-style remedy)."""
+        if not self.settings.kl_weight:
+            return value
+        return value + self.settings.kl_weight * answer_log_prob(node)
+
     def result(self, root: Node, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
         after = [_snapshot(c) for c in self.contexts]
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
@@ -199,8 +213,20 @@ class _Run:
             settings=self.settings.to_dict(),
             cost=cost,
             stopped=stopped,
+            strong_log_prob=answer_log_prob(answer),
             tree=root,
         )
+
+
+def answer_log_prob(node: Node) -> float:
+    """log-prob of a node's answer (its end token included) under the strong
+    model's sampling distribution: the sum over its path of each chunk's tokens'
+    log-probs (a chunk's prior is their geometric mean)."""
+    total = 0.0
+    while node.parent is not None:
+        total += node.chunk.n_new * math.log(node.chunk.prior)
+        node = node.parent
+    return total
 
 
 def stop_check(
@@ -326,7 +352,7 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
     kept = sorted(candidates, key=rank, reverse=True)[: s.num_select]
     finalists = [c for n in kept for c in n.children if c.terminal or s.stage2_nonterminal]
     run.score(finalists, eos=True)
-    best = max(finalists, key=lambda n: n.eos_value)
+    best = max(finalists, key=lambda n: run.final_score(n, n.eos_value))
     return run.result(root, best, best.eos_value, "stage2")
 
 
@@ -380,7 +406,7 @@ def _bon(run: _Run) -> SearchResult:
     root = run.root()
     run.expand([root], run.settings.samples, run.settings.max_new_tokens, distinct=False)
     run.evaluate(root.children, terminal_reward="eos")  # every sample is finished
-    best = max(root.children, key=lambda n: n.value)
+    best = max(root.children, key=lambda n: run.final_score(n, n.value))
     return run.result(root, best, best.value, "best_of_n")
 
 
