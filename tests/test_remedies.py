@@ -151,3 +151,54 @@ def test_the_ensemble_needs_more_than_one_pair(tiny_models):
 def test_bad_remedy_settings(changes, message):
     with pytest.raises(ValueError, match=message):
         SearchSettings(**changes)
+
+
+# --- the ensemble from a preset ---------------------------------------------------------
+
+
+def tiny_config(tiny_models, **extra):
+    plain = {"format": "plain"}
+    return {
+        "strong": {"model": str(tiny_models.tiny_c), "prompt": plain},
+        "weak": {"model": str(tiny_models.tiny_a), "prompt": plain},
+        "weak_ref": {"model": str(tiny_models.tiny_b), "prompt": plain},
+        "search": {**SMALL},
+        "runtime": {"n_ctx": 512, "n_threads": 1},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "ensemble, message",
+    [
+        ({"weak": {}}, "must be a list"),
+        ([{"weak": {}}], r"ensemble_prompts\[0\] must be an object with exactly"),
+        ([{"weak": {"format": "plain"}, "weak_ref": "x"}], r"ensemble_prompts\[0\]"),
+        ([{"weak": {"format": "plain"}, "weak_ref": {"format": "plain"}}] * 17, "at most 16"),
+    ],
+)
+def test_bad_ensemble_prompts_in_a_preset(tiny_models, ensemble, message):
+    from w2s_langchain.aligner import AlignerConfig
+
+    with pytest.raises(ValueError, match=message):
+        AlignerConfig.from_dict(tiny_config(tiny_models, ensemble_prompts=ensemble))
+
+
+def test_a_presets_ensemble_is_averaged_by_the_aligner(tiny_models):
+    from w2s_langchain.aligner import Aligner, AlignerConfig
+
+    pairs = [{"weak": {"format": "plain", "plain": a.plain}, "weak_ref": {"format": "plain", "plain": r.plain}}
+             for a, r in PAIRS[1:]]
+    config = AlignerConfig.from_dict(tiny_config(tiny_models, ensemble_prompts=pairs))
+    aligner = Aligner(config)
+    answer = " and then the end"
+    on = aligner.values(PROMPT, [answer], config.search.with_(ensemble=True))[0]
+    off = aligner.values(PROMPT, [answer])[0]
+    singles = []
+    for pair in [(PromptFormat(format="plain"), PromptFormat(format="plain")), *PAIRS[1:]]:
+        proxy = ensemble_proxy(tiny_models, [pair])
+        singles.append(proxy.extend([proxy.start(PROMPT)], [answer])[0].value)
+    assert off == pytest.approx(singles[0], abs=TOL)
+    assert on == pytest.approx(sum(singles) / 3, abs=TOL)
+    result = aligner.search(PROMPT, config.search.with_(ensemble=True))
+    assert result.text and all(c.n_resident == 0 for c in aligner._models.proxy.contexts)
