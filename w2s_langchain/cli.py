@@ -57,7 +57,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="w2s-align", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="w2s-align", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Before running searches with your own preset, see `w2s-align check --help`: does its weak pair agree "
+        "with your preference? (To align the prompt \"check\" itself: w2s-align -- check)",
     )
     parser.add_argument("prompt", help="the text to answer or continue")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"packaged ({', '.join(preset_names())}) or a .json file")
