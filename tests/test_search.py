@@ -407,7 +407,7 @@ def _eos_values_by_forks(proxy, states):
             (end,) = scorer.context.score([fork], [[proxy._prompts[role][0].end_token]])
             scorer.context.release(fork)
             log_probs.append(state.weak[role].log_prob + end[0])
-        values.append(proxy._value(*log_probs))
+        values.append(proxy._value(log_probs, [w.answer_tokens + 1 for w in state.weak]))
     return values
 
 

@@ -33,6 +33,8 @@ from .search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScore
 from .search.strategies import Progress, stop_check
 
 PRESETS_DIR = Path(__file__).with_name("presets")
+# Answers `Aligner.values` scores together.
+_VALUES_BATCH = 8
 # Seconds between looks at the timeout and cancel while waiting for the models.
 _WAIT_STEP = 0.05
 DEFAULT_PRESET = "sentiment"
@@ -196,7 +198,10 @@ def context_needs(models: SearchModels, prompt: Prompt, settings: SearchSettings
     }
     if models.proxy is None:
         return list(needs.values())
-    for role, scorer in zip(("weak", "weak_ref"), models.proxy.scorers):
+    # The roles this search's values read: the main pair, and the ensemble's pairs when it is on.
+    scorers = models.proxy.all_scorers if settings.ensemble else models.proxy.all_scorers[:2]
+    for i, scorer in enumerate(scorers):
+        role = ("weak", "weak_ref")[i % 2] + (f" of ensemble pair {i // 2}" if i >= 2 else "")
         context = scorer.context
         same_tokenizer = getattr(context.model, "path", None) == getattr(strong.model, "path", "")
         path = settings.max_new_tokens * (1 if same_tokenizer else 2)
@@ -217,9 +222,12 @@ def prompt_room(config: AlignerConfig, settings: SearchSettings | None = None) -
     strong = config.strong_model()
     # Each context and the prompt formats of the roles it holds (the strong model has its own).
     contexts: dict[str, tuple[Model | ServerModel, list[PromptFormat]]] = {"strong": (strong, [config.strong.prompt])}
-    for role in (config.weak, config.weak_ref):
+    weak_prompts = [(config.weak, config.weak.prompt), (config.weak_ref, config.weak_ref.prompt)]
+    if settings.ensemble:
+        weak_prompts += [(role, p) for pair in config.ensemble_prompts for role, p in zip((config.weak, config.weak_ref), pair)]
+    for role, prompt_format in weak_prompts:
         model = load_named_model(role.model, runtime)
-        contexts.setdefault(str(model.path), (model, []))[1].append(role.prompt)
+        contexts.setdefault(str(model.path), (model, []))[1].append(prompt_format)
     rooms = []
     for model, formats in contexts.values():
         around_prompt = sum(_prompt_tokens(model, prompt_format, "") + tree for prompt_format in formats)
@@ -244,10 +252,15 @@ class AlignerConfig:
     strong_from_preset_file: bool = False
     """Whether the strong model's address came from a preset file rather than from
     the caller: LLAMA_API_KEY is then not sent to it (see Runtime.server_api_key)."""
+    ensemble_prompts: tuple[tuple[PromptFormat, PromptFormat], ...] = ()
+    """More (aligned, reference) prompts for the weak and weak_ref models:
+    paraphrases of the preference, averaged into V with the search setting `ensemble`."""
 
     def __post_init__(self) -> None:
         for name in ("strong", "weak", "weak_ref"):
             getattr(self, name).check(name)
+        if len(self.ensemble_prompts) > _MAX_ENSEMBLE:
+            raise ValueError(f"ensemble_prompts holds {len(self.ensemble_prompts)} pairs: at most {_MAX_ENSEMBLE}")
 
     def with_overrides(
         self,
@@ -288,6 +301,7 @@ class AlignerConfig:
                 search=SearchSettings(**data.get("search", {})),
                 runtime=Runtime(**data.get("runtime", {})),
                 description=data.get("description", ""),
+                ensemble_prompts=_ensemble_prompts(data.get("ensemble_prompts", [])),
             )
         except KeyError as err:
             raise ValueError(f"a preset needs {err.args[0]!r}") from None
@@ -297,6 +311,21 @@ class AlignerConfig:
 
 def _given(changes: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (changes or {}).items() if v is not None}
+
+
+_MAX_ENSEMBLE = 16  # pairs of prompts beyond the main one; each costs two weak readings per answer
+
+
+def _ensemble_prompts(data: Any) -> tuple[tuple[PromptFormat, PromptFormat], ...]:
+    """A preset's `ensemble_prompts`: a list of {"weak": {prompt}, "weak_ref": {prompt}}."""
+    if not isinstance(data, list):
+        raise ValueError('ensemble_prompts must be a list of {"weak": {...prompt...}, "weak_ref": {...prompt...}} objects')
+    pairs = []
+    for i, pair in enumerate(data):
+        if not isinstance(pair, dict) or set(pair) != {"weak", "weak_ref"} or not all(isinstance(v, dict) for v in pair.values()):
+            raise ValueError(f'ensemble_prompts[{i}] must be an object with exactly "weak" and "weak_ref" prompt objects')
+        pairs.append((PromptFormat(**pair["weak"]), PromptFormat(**pair["weak_ref"])))
+    return tuple(pairs)
 
 
 def _role(data: dict[str, Any]) -> Role:
@@ -417,6 +446,37 @@ class Aligner:
                 self._max_lanes = min(served.slots, MAX_LANES)
                 self._lanes_changed.notify_all()
 
+    def values(self, prompt: Prompt, answers: list[str], settings: SearchSettings | None = None) -> list[float]:
+        """The proxy value V of each answer to `prompt`, as a search computes it
+        (the same weak prompts, beta, ensemble and length normalization), for the
+        answer text as it is: no end token is scored. Used by `check`."""
+        check_prompt(prompt)
+        settings = settings or self.config.search
+        if settings.ensemble and not self.config.ensemble_prompts:
+            raise ValueError("the ensemble setting needs `ensemble_prompts` in the preset, or turn `ensemble` off")
+        for answer in answers:
+            if not isinstance(answer, str):
+                raise ValueError(f"an answer must be a string, got {type(answer).__name__}")
+        models = self._take_lane(stop_check(settings, None))
+        proxy = models.proxy
+        proxy.beta, proxy.use_ensemble, proxy.length_normalized = settings.beta, settings.ensemble, settings.length_normalized
+        values: list[float] = []
+        try:
+            self._make_room(models, prompt, settings)
+            root = proxy.start(prompt)
+            try:
+                # A few at a time: each answer holds a branch per weak role until released.
+                for i in range(0, len(answers), _VALUES_BATCH):
+                    states = proxy.extend([root] * len(answers[i : i + _VALUES_BATCH]), answers[i : i + _VALUES_BATCH])
+                    values += [state.value for state in states]
+                    for state in states:
+                        proxy.release(state)
+            finally:
+                proxy.release(root)
+        finally:
+            self._give_back(models)
+        return values
+
     def _take_lane(self, check) -> SearchModels:
         """A free lane, a new one while there are fewer than the slots allow, or
         (waiting in short steps, so a timeout or a cancel ends the wait) the next one
@@ -493,7 +553,12 @@ class Aligner:
                 contexts[key] = rt.new_context(model)
             return contexts[key]
 
-        proxy = Proxy(WeakScorer(context_for(cfg.weak), cfg.weak.prompt), WeakScorer(context_for(cfg.weak_ref), cfg.weak_ref.prompt))
+        aligned, reference = context_for(cfg.weak), context_for(cfg.weak_ref)
+        proxy = Proxy(
+            WeakScorer(aligned, cfg.weak.prompt),
+            WeakScorer(reference, cfg.weak_ref.prompt),
+            ensemble=tuple((WeakScorer(aligned, a), WeakScorer(reference, r)) for a, r in cfg.ensemble_prompts),
+        )
         strong_model = cfg.strong_model()
         # The strong model gets a context of its own even when it is also a weak one.
         strong = ServerContext(strong_model) if isinstance(strong_model, ServerModel) else rt.new_context(strong_model)
@@ -549,7 +614,7 @@ class Aligner:
         """Put `new` in the lane wherever `old` was (the old one is freed with its last branch)."""
         if models.strong is old:
             models.strong = new
-        for scorer in models.proxy.scorers if models.proxy else ():
+        for scorer in models.proxy.all_scorers if models.proxy else ():
             if scorer.context is old:
                 scorer.context = new
 

@@ -3,6 +3,12 @@
     w2s-align "The restaurant on the corner" --iterations 40
     w2s-align "The film was" --strategy bon --samples 8 --json
     w2s-align "The film was" --tree tree.html
+    w2s-align check --preset my_preset.json --pairs my_pairs.jsonl
+    w2s-align check --preset sentiment --prompt "The film was" --samples 8
+
+`w2s-align check` (the word check first) asks whether a preset's weak pair agrees
+with your preference before you pay for searches (see preference_check.py).
+To answer the prompt "check" itself, write `w2s-align -- check`.
 
 Settings come from a preset (a JSON file: `--preset PATH`, or a packaged name),
 then from the flags. Everything is checked before any model loads, the `--tree`
@@ -31,6 +37,7 @@ from pydantic import SecretStr
 from .aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
 from .declared_settings import declared_settings
 from .errors import W2SError
+from .preference_check import SPLITS, AgreementReport, RankedAnswers, check_pairs, rank_samples, read_pairs, shipped_pairs
 from .progress import ProgressBar
 from .search import SearchResult, SearchSettings
 from .treeview import tree_to_html
@@ -53,7 +60,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="w2s-align", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="w2s-align", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Before running searches with your own preset, see `w2s-align check --help`: does its weak pair agree "
+        "with your preference? (To align the prompt \"check\" itself: w2s-align -- check)",
     )
     parser.add_argument("prompt", help="the text to answer or continue")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"packaged ({', '.join(preset_names())}) or a .json file")
@@ -103,6 +112,10 @@ def _value_type(options: tuple) -> type:
 def config_from_args(args: argparse.Namespace):
     if not args.prompt.strip():
         raise ValueError("the prompt is empty: give the text to answer or continue")
+    return _preset_with_flags(args)
+
+
+def _preset_with_flags(args: argparse.Namespace):
     return load_preset(args.preset).with_overrides(
         models={"strong": args.strong, "weak": args.weak, "weak_ref": args.weak_ref},
         **{
@@ -113,8 +126,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:  # the subcommand; `w2s-align -- check` answers the prompt "check"
+        return check_main(argv[1:])
+    parser = build_parser()
     as_json = "--json" in argv  # known even when the rest of the command line is wrong
     try:
         args = parser.parse_args(argv)
@@ -158,6 +173,111 @@ def main(argv: list[str] | None = None) -> int:
         if tree_error:
             _report(tree_error, EXIT_TREE_NOT_WRITTEN, as_json=False)
     return EXIT_TREE_NOT_WRITTEN if tree_error else 0
+
+
+_CHECK_SAMPLES = 8  # strong samples ranked per --prompt, unless --samples says otherwise
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="w2s-align check",
+        description="Does a preset's weak pair agree with your preference? With --pairs (a JSONL file of "
+        '{"prompt", "chosen", "rejected"} objects): how often V(chosen) > V(rejected), with a 95% Wilson interval, '
+        "the mean margin and the pairs it gets most wrong. With --prompt: plain samples of the strong model ranked "
+        "by V (--samples of them, default 8). With neither, a packaged preset is checked on the held-out split of the pairs it ships with.",
+    )
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"packaged ({', '.join(preset_names())}) or a .json file")
+    parser.add_argument("--pairs", type=Path, help="labelled pairs, one JSON object per line")
+    parser.add_argument("--split", choices=SPLITS, help="only the pairs of this split (the shipped files have both)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt to sample and rank answers for; repeatable")
+    parser.add_argument("--show", type=int, default=5, help="pairs (or answers at each end) to show (default 5)")
+    parser.add_argument("--strong", help="strong model: registry name, .gguf path or http://HOST:PORT of a llama-server")
+    parser.add_argument("--weak", help="weak aligned model")
+    parser.add_argument("--weak-ref", help="weak reference model")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    for section, declaration in _SETTINGS.items():
+        add_setting_flags(parser.add_argument_group(f"{section} settings (the preset's, unless given)"), declaration)
+    return parser
+
+
+def check_main(argv: list[str]) -> int:
+    """`w2s-align check ...`: exit code 0 with a report (a warning in it when the
+    agreement's interval includes 50%), 1 when no report could be made, 2 bad usage."""
+    parser = build_check_parser()
+    as_json = "--json" in argv
+    try:
+        args = parser.parse_args(argv)
+        if args.pairs and args.prompt:
+            raise _UsageError("give either --pairs (labelled) or --prompt (unlabelled), not both")
+        if args.show < 1:
+            raise _UsageError("--show must be at least 1")
+    except _UsageError as err:
+        if not as_json:
+            parser.print_usage(sys.stderr)
+        return _report(err, EXIT_USAGE, as_json)
+    try:
+        config = _preset_with_flags(args)
+        aligner = Aligner(config)
+        if args.prompt:
+            ranked = rank_samples(aligner, args.prompt, args.samples or _CHECK_SAMPLES)  # --samples: bon's N
+            print(json.dumps([{"prompt": r.prompt, "answers": [{"answer": a, "value": v} for a, v in r.answers]}
+                              for r in ranked], indent=2, ensure_ascii=False) if args.json else ranking_text(ranked, args.show))
+            return 0
+        pairs_file, split = args.pairs, args.split
+        if pairs_file is None:
+            pairs_file = shipped_pairs(args.preset)
+            if pairs_file is None:
+                raise ValueError(
+                    f"{args.preset!r} ships no labelled pairs: give --pairs FILE (JSONL of prompt, chosen, rejected) "
+                    "or --prompt TEXT to see how it ranks samples"
+                )
+            split = split or "heldout"
+        report = check_pairs(aligner, read_pairs(pairs_file, split))
+    except KeyboardInterrupt as err:
+        return _report(err, EXIT_INTERRUPTED, as_json)
+    except (W2SError, ValueError, OSError) as err:
+        return _report(err, EXIT_NO_ANSWER, as_json)
+    if args.json:
+        print(json.dumps({"pairs_file": str(pairs_file), "split": split, **report.to_dict(args.show)}, indent=2, ensure_ascii=False))
+    else:
+        print(agreement_text(report, args.show, f"{pairs_file}" + (f" ({split} split)" if split else "")))
+    return 0
+
+
+def agreement_text(report: AgreementReport, show: int, source: str) -> str:
+    lines = [
+        f"{source}: the weak pair agrees with the label on {report.agreement:.0%} of {len(report.pairs)} pairs "
+        f"[{report.low:.0%}, {report.high:.0%}] (95% Wilson interval); mean margin V(chosen) - V(rejected) = "
+        f"{report.mean_margin:+.2f}",
+    ]
+    if report.includes_chance:
+        lines.append(
+            "WARNING: the interval includes 50%: on these pairs the weak pair may not tell the chosen answers from the "
+            "rejected ones, and a search would push toward something other than your preference. Change the preset's "
+            "weak prompts (weak, weak_ref) or models, or check more pairs."
+        )
+    lines.append(f"\nThe {min(show, len(report.pairs))} pairs it gets most wrong (lowest margin first):")
+    for p in report.most_wrong(show):
+        lines += [f"  margin {p.margin:+.2f}  prompt: {_short(p.pair.prompt)}",
+                  f"      chosen   (V {p.chosen_value:+.2f}): {_short(p.pair.chosen)}",
+                  f"      rejected (V {p.rejected_value:+.2f}): {_short(p.pair.rejected)}"]
+    return "\n".join(lines)
+
+
+def ranking_text(ranked: list[RankedAnswers], show: int) -> str:
+    lines = []
+    for r in ranked:
+        lines.append(f"prompt: {_short(r.prompt)}  ({len(r.answers)} distinct samples)")
+        top, bottom = r.answers[:show], r.answers[max(show, len(r.answers) - show):]
+        lines += ["  ranked highest:"] + [f"    V {v:+.2f}  {_short(a)}" for a, v in top]
+        if bottom:
+            lines += ["  ranked lowest:"] + [f"    V {v:+.2f}  {_short(a)}" for a, v in bottom]
+    return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_writable(path: Path) -> None:

@@ -7,6 +7,12 @@ tokenizes prompt + answer itself, so the strong model may use another tokenizer.
 `log pi(y | x)` sums the log-probs of the tokens of tok(x + y) after the longest
 common prefix of tok(x) and tok(x + y).
 
+Two switches change V (both off by default, the paper's V): an ensemble of
+several aligned/reference prompt pairs, whose log-ratios are averaged, so no one
+prompt's quirks decide; and length normalization, each role's log-prob divided
+by the number of answer tokens it read, so a long answer does not gather value
+only by being long.
+
 Values are incremental. A child's text extends its parent's; re-tokenizing can
 merge tokens across the old end, so the child keeps the parent's tokens up to
 their longest common prefix (sharing its KV cells) and scores only the rest.
@@ -50,6 +56,11 @@ class WeakState:
         """log pi(y | x)."""
         return float(sum(self.log_probs[self.answer_start :]))
 
+    @property
+    def answer_tokens(self) -> int:
+        """Tokens of y as this model reads it."""
+        return len(self.tokens) - self.answer_start
+
 
 class WeakScorer:
     """One role (aligned or reference): a weak model and how it sees the prompt."""
@@ -70,36 +81,59 @@ class WeakScorer:
 
 @dataclass(eq=False)
 class ProxyState:
-    """Both roles' readings of one answer, and its value (no eos)."""
+    """Every role's reading of one answer, and its value (no eos)."""
 
-    weak: tuple[WeakState, WeakState]
-    """(aligned, reference)."""
+    weak: tuple[WeakState, ...]
+    """(aligned, reference), then each ensemble pair's (aligned, reference) when
+    the ensemble is on."""
     value: float
 
 
 class Proxy:
     """V(x, y) over two weak scorers. Both may share one model and one context
     (one GGUF in both roles with two prompts): then each batch of answers is
-    scored in a single decode."""
+    scored in a single decode. `ensemble` adds more (aligned, reference) pairs,
+    used while `use_ensemble` is set; roles sharing a context are scored together."""
 
-    def __init__(self, aligned: WeakScorer, reference: WeakScorer, beta: float = 1.0):
-        self.scorers = (aligned, reference)
+    def __init__(
+        self,
+        aligned: WeakScorer,
+        reference: WeakScorer,
+        beta: float = 1.0,
+        ensemble: tuple[tuple[WeakScorer, WeakScorer], ...] = (),
+    ):
+        self.pairs = ((aligned, reference), *ensemble)
         self.beta = beta
-        """Scale of V; a search sets it from its settings."""
+        """Scale of V; a search sets it from its settings (as the two switches below)."""
+        self.use_ensemble = False
+        """Average the log-ratios of every pair, not only the first one's."""
+        self.length_normalized = False
+        """Each role's log-prob per answer token it read (the end token counted when scored)."""
         self._prompts: list[tuple[RenderedPrompt, list[int]]] = []
         self.tokens_remerged = 0
         """Parent tokens that children scored again because their own tokenization
         merged them with the new text (the old end re-read), all roles together."""
 
     @property
+    def scorers(self) -> tuple[WeakScorer, ...]:
+        """The roles a value reads now: aligned, reference (then the ensemble's pairs when it is on)."""
+        pairs = self.pairs if self.use_ensemble else self.pairs[:1]
+        return tuple(scorer for pair in pairs for scorer in pair)
+
+    @property
+    def all_scorers(self) -> tuple[WeakScorer, ...]:
+        """Every role, the ensemble's included, whether it is on or not."""
+        return tuple(scorer for pair in self.pairs for scorer in pair)
+
+    @property
     def contexts(self) -> list[Context]:
         """The distinct contexts the weak models run in."""
-        return list({id(s.context): s.context for s in self.scorers}.values())
+        return list({id(s.context): s.context for s in self.all_scorers}.values())
 
     def start(self, prompt: Prompt) -> ProxyState:
         started = [scorer.start(prompt) for scorer in self.scorers]
         self._prompts = [(rendered, state.tokens) for rendered, state in started]
-        return ProxyState((started[0][1], started[1][1]), 0.0)
+        return ProxyState(tuple(state for _, state in started), 0.0)
 
     def extend(self, parents: list[ProxyState], answers: list[str]) -> list[ProxyState]:
         """The states of `answers`, each continuing the answer of its parent."""
@@ -125,10 +159,10 @@ class Proxy:
         # A search extends a node once: from now on its children hold its prefix,
         # and its sequence ids serve the leaves better (it is rebuilt if needed).
         for parent in {id(p): p for p in parents}.values():
-            for scorer, weak in zip(self.scorers, parent.weak):
+            for scorer, weak in zip(self.all_scorers, parent.weak):
                 scorer.context.park(weak.branch)
-        aligned, reference = requests[0][1], requests[1][1]
-        return [ProxyState((a, r), self._value(a.log_prob, r.log_prob)) for a, r in zip(aligned, reference)]
+        readings = list(zip(*(children for _, children, _ in requests)))
+        return [ProxyState(weak, self._value([w.log_prob for w in weak], [w.answer_tokens for w in weak])) for weak in readings]
 
     def eos_values(self, states: list[ProxyState]) -> list[float]:
         """V with each weak model's end-of-answer token appended ("eos scoring"):
@@ -141,20 +175,24 @@ class Proxy:
         branches = [[s.weak[role].branch for s in unique] for role in range(len(self.scorers))]
         rows = _next_logits_by_context([s.context for s in self.scorers], branches)
         ends = [rendered.end_token for rendered, _ in self._prompts]
-        values = {
-            id(s): self._value(s.weak[0].log_prob + log_softmax_at(a, ends[0]), s.weak[1].log_prob + log_softmax_at(r, ends[1]))
-            for s, a, r in zip(unique, rows[0], rows[1])
-        }
+        values = {}
+        for i, s in enumerate(unique):
+            log_probs = [w.log_prob + log_softmax_at(rows[role][i], ends[role]) for role, w in enumerate(s.weak)]
+            values[id(s)] = self._value(log_probs, [w.answer_tokens + 1 for w in s.weak])
         return [values[id(s)] for s in states]
 
     def release(self, state: ProxyState) -> None:
-        for scorer, weak in zip(self.scorers, state.weak):
+        for scorer, weak in zip(self.all_scorers, state.weak):  # a state's roles are a prefix of these
             if weak.branch is not None:
                 scorer.context.release(weak.branch)
                 weak.branch = None
 
-    def _value(self, aligned_log_prob: float, reference_log_prob: float) -> float:
-        return self.beta * (aligned_log_prob - reference_log_prob)
+    def _value(self, log_probs: list[float], answer_tokens: list[int]) -> float:
+        """beta x the mean over pairs of log pi_aligned - log pi_ref; roles in `scorers` order."""
+        if self.length_normalized:
+            log_probs = [lp / max(n, 1) for lp, n in zip(log_probs, answer_tokens)]
+        ratios = [log_probs[i] - log_probs[i + 1] for i in range(0, len(log_probs), 2)]
+        return self.beta * (sum(ratios) / len(ratios))
 
     def _children(self, role: int, parents: list[WeakState], answers: list[str]) -> Iterator[tuple[WeakState, list[int]]]:
         """Each answer's state (forked from its parent's, up to where their tokens

@@ -68,6 +68,10 @@ class SearchResult:
     stopped: str | None = None
     """Why the search was cut short and answered early (`partial_answer`):
     "timeout" or "context_full"; None when it ran to its end."""
+    strong_log_prob: float | None = None
+    """log-prob of the answer's tokens (its end token included) under the strong
+    model's sampling distribution (temperature, top-k, top-p applied): how likely
+    plain sampling was to write it; how far a search pushed away from it."""
     tree: Node | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:

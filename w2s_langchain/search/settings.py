@@ -113,6 +113,19 @@ class SearchSettings:
     """With no finished answer in the tree: "truncate" returns the best unfinished
     one as it is (the reference code); "finish" continues it with the strong model,
     greedily by V, until it ends."""
+    kl_weight: float = 0.0
+    """Remedy for over-optimization, off (0) by default: the final choice (w2s
+    stage 2, bon) maximizes V + kl_weight x log-prob of the answer under the
+    strong model's sampling distribution, a KL-style penalty on answers that
+    plain sampling would rarely write. The reported value stays V."""
+    length_normalized: bool = False
+    """Remedy, off by default: each weak model's log-prob is divided by the
+    answer tokens it read, so V does not grow with length alone (for answers
+    that end on their own)."""
+    ensemble: bool = False
+    """Remedy, off by default: V averages the log-ratios of the config's
+    `ensemble_prompts` pairs (paraphrases of the preference) with the main pair's,
+    so no single prompt's quirks can be exploited. Costs one weak reading per pair."""
     timeout: float | None = None
     """Seconds a search may run. When they are spent it stops within one decode
     step and raises SearchTimeoutError (or answers, with `partial_answer`)."""
@@ -153,7 +166,10 @@ class SearchSettings:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # numpy's rule
             raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
-        for name in ("c", "entropy_weight", "beta"):
+        for name in ("length_normalized", "ensemble"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("c", "entropy_weight", "beta", "kl_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

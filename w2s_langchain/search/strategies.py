@@ -57,6 +57,11 @@ def search(
     check_prompt(prompt)
     if settings.strategy != "base" and models.proxy is None:
         raise ValueError(f"strategy {settings.strategy!r} needs the weak models (a proxy)")
+    if settings.ensemble and (models.proxy is None or len(models.proxy.pairs) < 2):
+        raise ValueError(
+            "the ensemble setting needs more aligned/reference prompt pairs: add `ensemble_prompts` to the preset, "
+            "or turn `ensemble` off"
+        )
     reported = _ReportedProgress(progress)
     run = _Run(models, prompt, settings, reported, cancel, started, on_commit or (lambda text: None))
     with run.active():
@@ -135,6 +140,8 @@ class _Run:
             c.interrupt = self.check  # also between the pieces of a long decode (a long prompt)
         if self.proxy is not None:
             self.proxy.beta = self.settings.beta
+            self.proxy.use_ensemble = self.settings.ensemble
+            self.proxy.length_normalized = self.settings.length_normalized
         try:
             yield
         finally:
@@ -217,6 +224,13 @@ class _Run:
                 node.value = node.eos_value if terminal_reward == "eos" else NEG_INF
             node.own_value = node.value
 
+    def final_score(self, node: Node, value: float) -> float:
+        """What a final choice maximizes: V, plus with `kl_weight` the answer's
+        log-prob under the strong model's sampling (the KL-style remedy)."""
+        if not self.settings.kl_weight:
+            return value
+        return value + self.settings.kl_weight * answer_log_prob(node)
+
     def result(self, answer: Node, value: float | None, source: str, stopped: str | None = None) -> SearchResult:
         after = [_snapshot(c) for c in self.contexts]
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
@@ -245,8 +259,20 @@ class _Run:
             settings=self.settings.to_dict(),
             cost=cost,
             stopped=stopped,
+            strong_log_prob=answer_log_prob(answer),
             tree=self.tree,
         )
+
+
+def answer_log_prob(node: Node) -> float:
+    """log-prob of a node's answer (its end token included) under the strong
+    model's sampling distribution: the sum over its path of each chunk's tokens'
+    log-probs (a chunk's prior is their geometric mean)."""
+    total = 0.0
+    while node.parent is not None:
+        total += node.chunk.n_new * math.log(node.chunk.prior)
+        node = node.parent
+    return total
 
 
 def stop_check(
@@ -414,9 +440,10 @@ def _stage2(run: _Run, root: Node) -> SearchResult:
     kept = ranked[: s.num_select]
     finalists = [c for n in kept for c in n.children if c.terminal or s.stage2_nonterminal]
     run.score(finalists, eos=True)
-    for place, node in enumerate(sorted(finalists, key=lambda n: n.eos_value, reverse=True), start=1):
+    by_final_score = sorted(finalists, key=lambda n: run.final_score(n, n.eos_value), reverse=True)
+    for place, node in enumerate(by_final_score, start=1):
         node.final_rank = place
-    best = max(finalists, key=lambda n: n.eos_value)
+    best = by_final_score[0]
     return run.result(best, best.eos_value, "stage2")
 
 
@@ -472,7 +499,7 @@ def _bon(run: _Run) -> SearchResult:
     root = run.root()
     run.expand([root], run.settings.samples, run.settings.max_new_tokens, distinct=False)
     run.evaluate(root.children, terminal_reward="eos")  # every sample is finished
-    best = max(root.children, key=lambda n: n.value)
+    best = max(root.children, key=lambda n: run.final_score(n, n.value))
     return run.result(best, best.value, "best_of_n")
 
 
