@@ -46,7 +46,7 @@
     if (last < s.length) parent.append(s.slice(last));
     return parent;
   }
-  const chunkEl = (i, extra) => textInto(el("span", { class: "chunk" + (extra ? " " + extra : "") }), D.chunk[i]);
+  const chunkEl = (i) => textInto(el("span", { class: "chunk" }), D.chunk[i]);
   function answerOf(i) {
     if (answers[i] === undefined) {
       const stack = [];
@@ -150,6 +150,7 @@
   // row shows its own children. Rows are built the first time they are shown.
   const tree = el("ul", { role: "tree", "aria-label": "Chosen path; expand a row for the other children at its depth" });
   const rows = new Map(); // node -> its treeitem, once built
+  const SIBLINGS_SHOWN = 6; // on a chosen-path row's "others" line, the most visited first
   function others(i) { return i === 0 ? [] : kids[D.parent[i]].filter((j) => j !== i); }
   // A row shows "d 3 ' comfortable' N 198 V 8.68 ..." and tells a screen reader
   // "depth 3, ' comfortable', 198 visits, value 8.68, on the chosen path, ...".
@@ -177,11 +178,11 @@
     main.setAttribute("aria-hidden", "true");
     if (spine && groupOf.length) {
       const line = el("div", { class: "others", "aria-hidden": "true" }, "others: ");
-      groupOf.slice(0, 6).forEach((j, k) => {
+      groupOf.slice(0, SIBLINGS_SHOWN).forEach((j, k) => {
         if (k) line.append(" · ");
         line.append(chunkEl(j), " N " + D.visits[j] + " V " + fmt(D.value[j]));
       });
-      if (groupOf.length > 6) line.append(" · +" + (groupOf.length - 6) + " more");
+      if (groupOf.length > SIBLINGS_SHOWN) line.append(" · +" + (groupOf.length - SIBLINGS_SHOWN) + " more");
       row.append(line);
     }
     li.append(row);

@@ -34,8 +34,6 @@ _HERE = Path(__file__).resolve().parent
 _WINNER = ' class="winner"'
 # How many stage-2 candidates the no-script table lists beyond those judged.
 CANDIDATES_SHOWN = 20
-# Text of the "others" line of a chosen-path row: the first siblings by visits.
-SIBLINGS_SHOWN = 6
 
 SOURCES = {
     "stage2": "stage 2: the best eos-scored finalist",
