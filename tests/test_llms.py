@@ -498,3 +498,20 @@ def test_a_timeout_holds_while_the_models_read_a_long_prompt(packaged_models):
         llm.invoke(long_prompt)
     # Within one piece of a decode (32 tokens) and the release, with room for a busy machine.
     assert time.perf_counter() - begin < 0.5 + 0.4
+
+
+@pytest.mark.parametrize("budget", [40, 50])
+def test_a_token_budget_below_one_answer_buys_a_truncated_answer(make_llm, budget):
+    """The default preset's search shape (K = 3 chunks of L = 1 token, answers of
+    up to 50, fallback "finish") with a budget that cannot pay for a whole answer:
+    the search still takes its first step, the fallback samples what is left of
+    the budget, and the answer stops there."""
+    llm = make_llm(children=3, chunk_tokens=1, max_new_tokens=50, fallback="finish")
+    text = llm.invoke(PROMPT, token_budget=budget)
+    info = llm.generate([PROMPT], token_budget=budget).generations[0][0].generation_info
+    assert text
+    assert info["source"] == "fallback_truncated" and info["finish_reason"] is None
+    assert info["cost"]["iterations"] >= 1
+    # A chunk may take up to 4 more tokens to complete a UTF-8 character.
+    assert budget <= info["cost"]["strong_tokens_sampled"] <= budget + 4
+    assert info["cost"]["answer_tokens"] == info["cost"]["strong_tokens_sampled"] - 2  # the root's other 2 chunks
