@@ -53,6 +53,24 @@ def prompt_tokens(tiny):
 # --- results equal a fresh decode ------------------------------------------------
 
 
+@pytest.mark.parametrize("undecoded", ["appended", "scored"])
+def test_a_fork_shares_only_the_cells_that_were_decoded(tiny, prompt_tokens, undecoded):
+    """`append` and the last token of a `score` span leave tokens no cell holds
+    yet: a fork copies the decoded cells only and decodes the rest itself."""
+    ctx = make_context(tiny)
+    branch = ctx.new_branch(prompt_tokens)
+    ctx.next_logits([branch])
+    more = prompt_tokens[1:4]
+    if undecoded == "appended":
+        ctx.append(branch, more)
+    else:
+        ctx.score([branch], [more])
+    child = ctx.fork(branch)
+    assert child.resident
+    (row,) = ctx.next_logits([child])
+    assert np.abs(log_softmax(row) - fresh_next_logprobs(tiny, prompt_tokens + more)).max() < TOL
+
+
 def test_forked_and_extended_branch_matches_fresh_decode(tiny, prompt_tokens):
     ctx = make_context(tiny)
     root = ctx.new_branch(prompt_tokens)

@@ -100,32 +100,6 @@ def test_eos_value_adds_each_models_end_token(tiny_models):
     assert eos_value == pytest.approx(state.value + ends[0] - ends[1], abs=TOL)
 
 
-def test_value_equals_llama_cpp_python_scoring_from_scratch(tiny_models):
-    """V checked against an independent computation: llama-cpp-python's own
-    `Llama` reads prompt + answer once, and the answer's log-probs are summed by
-    hand from its logits (every answer token counts, the first one too)."""
-    from llama_cpp import Llama
-
-    answer = " and then the"
-    proxy = make_models(tiny_models).proxy
-    (state,) = proxy.extend([proxy.start(PROMPT)], [answer])
-    log_probs = []
-    for path in (tiny_models.tiny_a, tiny_models.tiny_b):
-        llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
-        prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
-        tokens = llm.tokenize((PROMPT + answer).encode(), add_bos=True)
-        start = next(i for i, (a, b) in enumerate(zip(prompt_tokens + [-1], tokens)) if a != b)
-        llm.eval(tokens)
-        logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
-        total = 0.0
-        for i in range(start, len(tokens)):
-            row = logits[i - 1]
-            total += row[tokens[i]] - row.max() - np.log(np.exp(row - row.max()).sum())
-        log_probs.append(total)
-        llm.close()
-    assert state.value == pytest.approx(log_probs[0] - log_probs[1], abs=TOL)
-
-
 def test_priors_are_the_geometric_mean_of_warped_probabilities(tiny_models):
     """P of a chunk, recomputed token by token on a fresh context of the strong model."""
     from w2s_langchain.engine import warp

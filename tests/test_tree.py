@@ -186,3 +186,19 @@ def test_one_leaf_is_the_plain_selection_and_the_virtual_loss_is_swappable():
     paths = select_leaves(root, puct_score, 1, lambda path, n: calls.append((path[-1], n)))
     assert paths == [select_path(root, puct_score)]
     assert calls == [(paths[0][-1], 1), (paths[0][-1], -1)]
+
+
+def test_a_selection_rule_that_raises_leaves_no_virtual_loss_behind():
+    root, _, _, _ = small_tree()
+    before = state(root)
+    calls = []
+
+    def fails_on_the_second_path(child, parent):
+        calls.append(child)
+        if len(calls) > 4:  # the first path took 4 scores (2 children at 2 levels)
+            raise RuntimeError("a user's rule failed")
+        return puct_score(child, parent)
+
+    with pytest.raises(RuntimeError, match="rule failed"):
+        select_leaves(root, fails_on_the_second_path, 3)
+    assert state(root) == before
