@@ -23,8 +23,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict
 
-from .aligned_search import generation_info, stream_pieces
-from .langchain_aligned import LangChainAligned
+from ._component.search_call import generation_info, stream_pieces
+from ._component.langchain_base import LangChainAligned
 from .prompts import Message, render
 from .search import SearchResult
 

@@ -29,7 +29,7 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import ConfigDict
 
-from .aligned_search import AlignedSearch, generation_info, in_thread, stream_pieces
+from ._component.search_call import AlignedSearch, generation_info, in_thread, stream_pieces
 from .engine.server import is_server_url
 from .prompts import Message
 

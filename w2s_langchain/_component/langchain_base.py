@@ -9,10 +9,10 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManager, CallbackManagerForLLMRun
 
-from .aligned_search import AlignedSearch, in_thread
-from .aligned_settings import search_overrides
-from .prompts import Prompt
-from .search import SearchResult
+from .search_call import AlignedSearch, in_thread
+from .fields import search_overrides
+from ..prompts import Prompt
+from ..search import SearchResult
 
 
 class LangChainAligned(AlignedSearch):

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 
 from pydantic import PrivateAttr
 
-from .aligned_settings import AlignedModelSettings, search_overrides
-from .aligner import Aligner, AlignerConfig, load_named_model
-from .engine import Model
-from .engine.server import ServerModel
-from .prompts import Prompt
-from .search import SearchResult
-from .search.strategies import Progress
+from .fields import AlignedModelSettings, search_overrides
+from ..aligner import Aligner, AlignerConfig, load_named_model
+from ..engine import Model
+from ..engine.server import ServerModel
+from ..prompts import Prompt
+from ..search import SearchResult
+from ..search.strategies import Progress
 
 # The cancel event of the async call a worker thread runs for (see `in_thread`).
 _cancel_event: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("w2s_cancel", default=None)

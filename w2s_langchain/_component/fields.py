@@ -15,9 +15,9 @@ from typing import Any, Optional, get_args
 
 from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator
 
-from .aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
-from .declared_settings import declared_settings
-from .search import SearchSettings
+from ..aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
+from ..declared_settings import declared_settings
+from ..search import SearchSettings
 
 # The names LangChain and LlamaIndex users pass for a search setting (LlamaCpp,
 # ChatOllama and OpenAI all call it `max_tokens`).
