@@ -100,7 +100,7 @@ def worker(threads: int) -> None:
     """Answer jobs (JSON lines on stdin) with measurements (JSON lines on stdout)."""
     import llama_cpp
 
-    from w2s_langchain.aligner import Aligner, load_preset
+    from w2s_langchain.service.aligner import Aligner, load_preset
     from w2s_langchain.search import strategies
 
     decodes = DecodeLog(llama_cpp)
@@ -289,7 +289,7 @@ def tokens_read(result: dict) -> int:
 
 
 def strong_models(args) -> list[str]:
-    from w2s_langchain.aligner import load_preset
+    from w2s_langchain.service.aligner import load_preset
 
     preset_strong = load_preset(PRESET).strong.model
     return args.strong or [preset_strong, *larger_pulled_models(preset_strong)]
@@ -381,7 +381,7 @@ PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM
 PEAK_MEMORY_CHILD = textwrap.dedent(
     f"""
     import sys
-    from w2s_langchain.aligner import Aligner, load_preset
+    from w2s_langchain.service.aligner import Aligner, load_preset
     config = load_preset("{PRESET}").with_overrides(runtime={{"n_threads": int(sys.argv[1])}})
     Aligner(config).search("The hotel room was", config.search.with_(iterations=40))
     print({PEAK_RSS})
@@ -391,7 +391,7 @@ PEAK_MEMORY_CHILD = textwrap.dedent(
 
 def peak_memory(bench: Bench, out) -> None:
     """(d), in fresh processes, so nothing loaded before counts."""
-    from w2s_langchain.aligner import load_preset
+    from w2s_langchain.service.aligner import load_preset
     from w2s_langchain.registry import resolve_model
 
     config = load_preset(PRESET)
@@ -410,7 +410,7 @@ def peak_memory(bench: Bench, out) -> None:
             return int(done.stdout.strip().splitlines()[-1])
 
         peak = child(PEAK_MEMORY_CHILD, str(bench.args.threads))
-        imports = child(f"import w2s_langchain.aligner; print({PEAK_RSS})")
+        imports = child(f"import w2s_langchain.service.aligner; print({PEAK_RSS})")
         out(f"| {tree.name} ({tree.commit}) | {peak / mb:.0f} MB | {(peak - imports) / mb:.0f} MB "
             f"(imports alone: {imports / mb:.0f} MB) | {(peak - imports) / size:.2f}x |")
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from w2s_langchain import cli
-from w2s_langchain.aligner import Aligner, Runtime, load_preset
+from w2s_langchain.service.aligner import Aligner, Runtime, load_preset
 from w2s_langchain.engine import model as engine_model
 
 pytestmark = pytest.mark.packaged

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from w2s_langchain.aligner import Aligner, AlignerConfig, Role
+from w2s_langchain.service.aligner import Aligner, AlignerConfig, Role
 from w2s_langchain.llms import W2SAlignedLLM
 
 

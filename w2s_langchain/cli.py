@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Literal, get_origin
 
-from .aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
+from .service.aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
 from .declared_settings import declared_settings
 from .errors import W2SError
 from .progress import ProgressBar

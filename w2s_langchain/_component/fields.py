@@ -1,6 +1,6 @@
 """The fields every aligned component (LangChain and LlamaIndex) has.
 
-A component starts from a preset (a JSON config, see w2s_langchain/presets/) and
+A component starts from a preset (a JSON config, see w2s_langchain/service/presets/) and
 overrides any of its settings with these fields. The search and runtime fields
 are not written here: each is read from its declaration (`SearchSettings`,
 `Runtime`), with the declaration's docstring as its description.
@@ -15,7 +15,7 @@ from typing import Any, Optional, get_args
 
 from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator
 
-from ..aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
+from ..service.aligner import DEFAULT_PRESET, AlignerConfig, Runtime, load_preset
 from ..declared_settings import declared_settings
 from ..search import SearchSettings
 

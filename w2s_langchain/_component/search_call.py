@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import PrivateAttr
 
 from .fields import AlignedModelSettings, search_overrides
-from ..aligner import Aligner, AlignerConfig, load_named_model
+from ..service.aligner import Aligner, AlignerConfig, load_named_model
 from ..engine import Model
 from ..engine.server import ServerModel
 from ..prompts import Prompt

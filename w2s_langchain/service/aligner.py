@@ -20,15 +20,15 @@ from typing import Any
 
 import llama_cpp
 
-from .engine import Context, LoadSettings, Model, load_model
-from .engine.context import MAX_THREADS, check_int_range, default_n_ctx
-from .engine.server import ServerContext, ServerModel, check_server_url, connect_server, is_server_url
-from .errors import ContextOverflowError
-from .prompts import Prompt, PromptFormat, check_prompt, render
-from .registry import resolve_model
-from .search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
-from .search.strategies import Progress, stop_check
-from .template_sandbox import search_time_limit
+from ..engine import Context, LoadSettings, Model, load_model
+from ..engine.context import MAX_THREADS, check_int_range, default_n_ctx
+from ..engine.server import ServerContext, ServerModel, check_server_url, connect_server, is_server_url
+from ..errors import ContextOverflowError
+from ..prompts import Prompt, PromptFormat, check_prompt, render
+from ..registry import resolve_model
+from ..search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
+from ..search.strategies import Progress, stop_check
+from ..template_sandbox import search_time_limit
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 # Seconds between looks at the timeout and cancel while waiting for the models.
