@@ -28,7 +28,7 @@ from ..prompts import Prompt, PromptFormat, check_prompt, render
 from ..registry import resolve_model
 from ..search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
 from ..search.strategies import Progress, stop_check
-from ..template_sandbox import search_time_limit
+from ..prompts.sandbox import search_time_limit
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 # Seconds between looks at the timeout and cancel while waiting for the models.

@@ -27,7 +27,7 @@ from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
 from markupsafe import EscapeFormatter, Markup
 
-from .errors import SearchTimeoutError
+from ..errors import SearchTimeoutError
 
 RENDER_SECONDS = 1.0
 # Real templates render in about a millisecond; a second leaves room for a slow, busy

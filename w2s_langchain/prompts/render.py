@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .engine import Model
-from .errors import ChatTemplateError, SearchTimeoutError
-from .template_sandbox import render_template, why_unusable
+from ..engine import Model
+from ..errors import ChatTemplateError, SearchTimeoutError
+from .sandbox import render_template, why_unusable
 
 _MARK = "\u2063w2s\u2063"  # invisible separator: never in a template's own text
 
