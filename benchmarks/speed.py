@@ -298,7 +298,7 @@ def strong_models(args) -> list[str]:
 def larger_pulled_models(preset_strong: str) -> list[str]:
     """Registry models larger than the preset's strong one that are already pulled."""
     from w2s_langchain.errors import W2SError
-    from w2s_langchain.registry import load_registry, resolve_model
+    from w2s_langchain.models.registry import load_registry, resolve_model
 
     registry = load_registry()
     names = []
@@ -392,7 +392,7 @@ PEAK_MEMORY_CHILD = textwrap.dedent(
 def peak_memory(bench: Bench, out) -> None:
     """(d), in fresh processes, so nothing loaded before counts."""
     from w2s_langchain.service.aligner import load_preset
-    from w2s_langchain.registry import resolve_model
+    from w2s_langchain.models.registry import resolve_model
 
     config = load_preset(PRESET)
     files = {resolve_model(role.model) for role in (config.strong, config.weak, config.weak_ref)}

@@ -34,11 +34,12 @@ from test_registry import (  # noqa: F401 (cli_setup ... wheel_dir are fixtures)
     registry_json,
     wheel_dir,
 )
-from w2s_langchain import models_cli, registry
+from w2s_langchain import models_cli
+from w2s_langchain.models import registry
 from w2s_langchain.service.aligner import load_named_model
 from w2s_langchain.engine import load_model
 from w2s_langchain.errors import ChecksumMismatchError, ModelNotPulledError, PullError, UnknownModelError
-from w2s_langchain.registry import MODELS_DIR_ENV, VERIFIED_RECORD, pull, resolve_model
+from w2s_langchain.models.registry import MODELS_DIR_ENV, VERIFIED_RECORD, pull, resolve_model
 
 USERS_FILE = "users-own.gguf"
 SIZE_TEXT = f"({len(JOINED_BYTES):,} bytes)"

@@ -24,7 +24,7 @@ from w2s_langchain.errors import (
     PullError,
     UnknownModelError,
 )
-from w2s_langchain.registry import (
+from w2s_langchain.models.registry import (
     MODELS_DIR_ENV,
     ModelEntry,
     default_models_dir,

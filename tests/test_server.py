@@ -21,7 +21,7 @@ from w2s_langchain.service.aligner import _server_n_probs
 from w2s_langchain.engine.server import ServerContext, ServerModel
 from w2s_langchain.errors import ContextOverflowError, ServerError, ServerUnavailableError, SearchTimeoutError
 from w2s_langchain.llms import W2SAlignedLLM
-from w2s_langchain.local_server import free_port
+from w2s_langchain.engine.local_server import free_port
 from w2s_langchain.search import SearchModels, SearchSettings, search
 
 PLAIN = {"format": "plain"}

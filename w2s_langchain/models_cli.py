@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from w2s_langchain.errors import W2SError
 from w2s_langchain.progress import ProgressBar
-from w2s_langchain.registry import (
+from .models.registry import (
     MEGABYTE,
     ModelEntry,
     default_models_dir,

@@ -14,7 +14,7 @@ import sys
 import time
 
 from ..errors import W2SError
-from ..registry import resolve_model
+from ..models.registry import resolve_model
 from .context import Context
 from .model import LoadSettings, load_model
 from .sampling import SamplingSettings, warp

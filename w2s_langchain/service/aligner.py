@@ -25,7 +25,7 @@ from ..engine.context import MAX_THREADS, check_int_range, default_n_ctx
 from ..engine.server import ServerContext, ServerModel, check_server_url, connect_server, is_server_url
 from ..errors import ContextOverflowError
 from ..prompts import Prompt, PromptFormat, check_prompt, render
-from ..registry import resolve_model
+from ..models.registry import resolve_model
 from ..search import Proxy, SearchModels, SearchResult, SearchSettings, WeakScorer, search
 from ..search.strategies import Progress, stop_check
 from ..prompts.sandbox import search_time_limit

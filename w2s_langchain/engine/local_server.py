@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from .registry import user_cache_dir
+from ..models.registry import user_cache_dir
 
 def find_llama_server() -> Path:
     """The llama-server binary: $LLAMA_SERVER, else one on PATH, else the one

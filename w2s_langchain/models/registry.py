@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from w2s_langchain.errors import (
+from ..errors import (
     ChecksumMismatchError,
     ModelNotPulledError,
     PullError,
@@ -46,7 +46,7 @@ VERIFIED_RECORD = ".verified.json"
 # (bytes done, bytes total) while joining a model's parts.
 ProgressCallback = Callable[[int, int], None]
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # Only an installed wheel has this copy (pyproject force-includes it).
 _PACKAGED_REGISTRY = _PACKAGE_DIR / "registry.json"
 _CHECKOUT_MODELS_DIR = _PACKAGE_DIR.parent / "models"
