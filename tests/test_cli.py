@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from w2s_langchain import cli
+from w2s_langchain.cli import align as cli
 
 ENDLESS = ["--iterations", "1000000", "--chunk-tokens", "1", "--max-new-tokens", "100", "--n-threads", "1"]
 
@@ -40,7 +40,7 @@ def _as_a_terminal_would() -> None:
 
 def test_ctrl_c_stops_the_search_and_exits_cleanly(tiny_preset):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "w2s_langchain.cli", "Once upon a time", "--preset", str(tiny_preset), *ENDLESS],
+        [sys.executable, "-m", "w2s_langchain.cli.align", "Once upon a time", "--preset", str(tiny_preset), *ENDLESS],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_terminal_would,
     )
     # Wait until the models are mapped (imports done, main() running), however slow
@@ -90,7 +90,7 @@ log = logging.getLogger("w2s_langchain.llama_cpp")
 log.setLevel(logging.DEBUG)
 log.addHandler(CtrlCAtTheFirstLogLine())
 if sys.argv[1] == "cli":
-    from w2s_langchain import cli
+    from w2s_langchain.cli import align as cli
     sys.exit(cli.main(["Once upon a time", "--preset", sys.argv[2], "--iterations", "2"]))
 from w2s_langchain.llms import W2SAlignedLLM
 try:

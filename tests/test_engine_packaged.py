@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from w2s_langchain.engine import Context, load_model
-from w2s_langchain.engine.__main__ import main as demo_main
+from w2s_langchain.cli.engine_demo import main as demo_main
 
 pytestmark = pytest.mark.packaged
 

@@ -34,7 +34,7 @@ from test_registry import (  # noqa: F401 (cli_setup ... wheel_dir are fixtures)
     registry_json,
     wheel_dir,
 )
-from w2s_langchain import models_cli
+from w2s_langchain.cli import models as models_cli
 from w2s_langchain.models import registry
 from w2s_langchain.service.aligner import load_named_model
 from w2s_langchain.engine import load_model

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from w2s_langchain import models_cli
+from w2s_langchain.cli import models as models_cli
 from w2s_langchain.errors import (
     ChecksumMismatchError,
     ModelNotPulledError,

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from w2s_langchain import cli
+from w2s_langchain.cli import align as cli
 from w2s_langchain.service.aligner import Aligner, Runtime, load_preset
 from w2s_langchain.engine import model as engine_model
 

@@ -259,14 +259,14 @@ def test_the_command_line_takes_a_server_address(tiny_models, llama_server, tmp_
         "runtime": {"n_ctx": 512, "n_threads": 1},
     }))
     done = subprocess.run(
-        [sys.executable, "-m", "w2s_langchain.cli", PROMPT, "--preset", str(preset), "--json"],
+        [sys.executable, "-m", "w2s_langchain.cli.align", PROMPT, "--preset", str(preset), "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["cost"]["iterations"] == 10
     unreachable = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run(
-        [sys.executable, "-m", "w2s_langchain.cli", PROMPT, "--preset", str(preset), "--strong", unreachable, "--json"],
+        [sys.executable, "-m", "w2s_langchain.cli.align", PROMPT, "--preset", str(preset), "--strong", unreachable, "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 1

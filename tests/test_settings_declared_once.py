@@ -12,7 +12,7 @@ from typing import get_args
 
 import pytest
 
-from w2s_langchain import cli
+from w2s_langchain.cli import align as cli
 from w2s_langchain.service.aligner import Runtime
 from w2s_langchain.chat_models import ChatW2SAligned
 from w2s_langchain.declared_settings import declared_settings
@@ -119,7 +119,7 @@ import w2s_langchain.search as search
 aligner.Runtime = probe_declarations.ProbeRuntime
 aligner.SearchSettings = search.SearchSettings = probe_declarations.ProbeSearchSettings
 
-from w2s_langchain import cli
+from w2s_langchain.cli import align as cli
 from w2s_langchain.chat_models import ChatW2SAligned
 from w2s_langchain.llamaindex_llm import W2SAlignedLlamaIndexLLM
 from w2s_langchain.llms import W2SAlignedLLM

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from w2s_langchain.treeview import tree_to_html
+from w2s_langchain.cli.treeview import tree_to_html
 
 SVG = "{http://www.w3.org/2000/svg}"
 HOSTILE = "</svg><script>alert(1)</script> & \"quotes\" 'single'"

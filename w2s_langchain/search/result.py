@@ -78,7 +78,7 @@ class SearchResult:
         return data
 
     def tree_dict(self) -> dict[str, Any]:
-        """The tree as plain data, the schema `w2s_langchain.treeview.tree_to_html` draws."""
+        """The tree as plain data, the schema `w2s_langchain.cli.treeview.tree_to_html` draws."""
         prompt = self.prompt if isinstance(self.prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
         if self.tree is None:
             return {"prompt": prompt, "strategy": self.strategy, "answer": self.text, "nodes": []}

@@ -25,11 +25,11 @@ import sys
 from pathlib import Path
 from typing import Literal, get_origin
 
-from .service.aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
-from .declared_settings import declared_settings
-from .errors import W2SError
+from ..service.aligner import DEFAULT_PRESET, Aligner, Runtime, load_preset, preset_names
+from ..declared_settings import declared_settings
+from ..errors import W2SError
 from .progress import ProgressBar
-from .search import SearchResult, SearchSettings
+from ..search import SearchResult, SearchSettings
 from .treeview import tree_to_html
 
 # The settings that get a flag each, by the config section they override (as in a preset).

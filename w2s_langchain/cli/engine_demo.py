@@ -1,6 +1,6 @@
 """The engine's own demo: plain sampling from one model, streamed to stdout.
 
-    python -m w2s_langchain.engine "The film was" --model gemma-3-270m
+    python -m w2s_langchain.cli.engine_demo "The film was" --model gemma-3-270m
 
 It shows the engine end to end (load, tokenize, batched decode, warped sampling)
 without the search; `w2s-align` is the command that searches.
@@ -15,13 +15,13 @@ import time
 
 from ..errors import W2SError
 from ..models.registry import resolve_model
-from .context import Context
-from .model import LoadSettings, load_model
-from .sampling import SamplingSettings, warp
+from ..engine.context import Context
+from ..engine.model import LoadSettings, load_model
+from ..engine.sampling import SamplingSettings, warp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m w2s_langchain.engine", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m w2s_langchain.cli.engine_demo", description=__doc__.split("\n")[0])
     parser.add_argument("prompt")
     parser.add_argument("--model", default="gemma-3-270m", help="registry name or path to a .gguf file")
     parser.add_argument("--max-new-tokens", type=int, default=48)

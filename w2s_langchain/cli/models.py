@@ -14,9 +14,9 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 
-from w2s_langchain.errors import W2SError
-from w2s_langchain.progress import ProgressBar
-from .models.registry import (
+from ..errors import W2SError
+from .progress import ProgressBar
+from ..models.registry import (
     MEGABYTE,
     ModelEntry,
     default_models_dir,
