@@ -168,8 +168,7 @@ class Context:
         n_batch = n_batch if n_batch is not None else min(512, n_ctx)
         check_int_range("n_batch", n_batch, 1, n_ctx, "n_ctx")
         check_int_range("n_threads", n_threads, 1, MAX_THREADS, "llama.cpp's thread limit")
-        max_seq = llama_cpp.llama_max_parallel_sequences()
-        check_int_range("n_seq_max", n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+        check_int_range("n_seq_max", n_seq_max, 1, max_sequences(), "llama.cpp's sequence limit")
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -548,6 +547,11 @@ def _plan_entries(jobs: list[_Job]) -> list[tuple[int, list[int]]]:
                 entries.append(entry_at[prefix])
     entries.sort(key=lambda entry: entry[0])  # stable: jobs in order within a position
     return entries
+
+
+def max_sequences() -> int:
+    """llama.cpp's limit on n_seq_max. Shared with the runtime settings."""
+    return llama_cpp.llama_max_parallel_sequences()
 
 
 def check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 
 from ..engine import Context, LoadSettings, Model, load_model
-from ..engine.context import MAX_THREADS, check_int_range, default_n_ctx
+from ..engine.context import MAX_THREADS, check_int_range, default_n_ctx, max_sequences
 from ..engine.server import ServerContext, ServerModel, check_server_url, connect_server, is_server_url
 from ..errors import ContextOverflowError
 from ..prompts import Prompt, PromptFormat, check_prompt, render
@@ -98,8 +97,7 @@ class Runtime:
             check_int_range("n_batch", self.n_batch, 1, self.n_ctx or _MAX_N_CTX, "n_ctx")
         if self.n_threads is not None:
             check_int_range("n_threads", self.n_threads, 1, MAX_THREADS, "llama.cpp's thread limit")
-        max_seq = llama_cpp.llama_max_parallel_sequences()
-        check_int_range("n_seq_max", self.n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+        check_int_range("n_seq_max", self.n_seq_max, 1, max_sequences(), "llama.cpp's sequence limit")
         for name in ("use_mmap", "use_mlock"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
