@@ -130,7 +130,12 @@ def worker(threads: int) -> None:
         evicted = {role: sum(c.stats.evictions for c in cs) for role, cs in contexts.items()}
         decodes.by_context.clear()
         stage2["seconds"] = 0.0
-        result = aligner.search(job["prompt"], aligner.config.search.with_(**job["settings"]))
+        settings = dict(job["settings"])
+        # Naive: contexts that re-read every prefix (the engine's switch, for checks like this one).
+        reuse = not settings.pop("naive", False)
+        for c in contexts["strong"] + contexts["weak"]:
+            c.reuse_prefixes = reuse
+        result = aligner.search(job["prompt"], aligner.config.search.with_(**settings))
         decode = {}
         for role, cs in contexts.items():
             logs = [decodes.by_context.get(_address(c._handle)) for c in cs]

@@ -29,9 +29,11 @@ PROMPT = "Once upon a time"
 TOL = 1e-3  # F32 tiny models: see test_engine.py
 
 
-def make_models(tiny_models, *, same_weak_model: bool = False, n_seq_max: int = 32) -> SearchModels:
+def make_models(tiny_models, *, same_weak_model: bool = False, n_seq_max: int = 32, reuse_prefixes: bool = True) -> SearchModels:
+    """reuse_prefixes=False: contexts that re-read every prefix, as code without a KV cache does."""
+
     def ctx(path):
-        return Context(load_model(path), n_ctx=512, n_threads=1, n_seq_max=n_seq_max)
+        return Context(load_model(path), n_ctx=512, n_threads=1, n_seq_max=n_seq_max, reuse_prefixes=reuse_prefixes)
 
     strong = ctx(tiny_models.tiny_c)
     if same_weak_model:  # one GGUF in both roles, two prompts, one context
@@ -341,67 +343,29 @@ def test_same_seed_same_tree_and_answer(tiny_models):
     assert c.tree_dict() != a.tree_dict()
 
 
-def test_cached_and_naive_build_the_same_tree_at_different_cost(tiny_models):
-    cached, _ = run(tiny_models)
-    naive, _ = run(tiny_models, naive=True)
+@pytest.mark.parametrize("terminal_reward", ["-inf", "eos"])
+@pytest.mark.parametrize("same_weak_model", [False, True])
+def test_the_cache_changes_what_is_read_not_the_tree(tiny_models, same_weak_model, terminal_reward):
+    """Shared prefixes and decodes, parked parents, eos read in place, spans' last
+    tokens left undecoded, evictions and rebuilds change what is read, not what
+    it is worth: the same tree as contexts that re-read every prefix from its
+    first token, for a fraction of the tokens."""
+    settings = SearchSettings(**{**SMALL, "terminal_reward": terminal_reward})
+    models = make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8)  # evicts: rebuilds too
+    cached = search(models, PROMPT, settings)
+    assert sum(c.stats.evictions for c in models.proxy.contexts) > 0
+    naive_models = make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8, reuse_prefixes=False)
+    naive = search(naive_models, PROMPT, settings)
     nodes_c, nodes_n = cached.tree_dict()["nodes"], naive.tree_dict()["nodes"]
-    assert [n["answer"] for n in nodes_c] == [n["answer"] for n in nodes_n]
-    assert [n["visits"] for n in nodes_c] == [n["visits"] for n in nodes_n]
+    assert [(n["answer"], n["visits"]) for n in nodes_c] == [(n["answer"], n["visits"]) for n in nodes_n]
     for x, y in zip(nodes_c, nodes_n):
         assert (x["value"] is None) == (y["value"] is None)
         if x["value"] is not None:
             assert x["value"] == pytest.approx(y["value"], abs=TOL)
-    assert naive.text == cached.text
+    assert (naive.text, naive.source) == (cached.text, cached.source)
     assert naive.cost.strong_tokens_decoded > 2 * cached.cost.strong_tokens_decoded
     assert naive.cost.weak_tokens_scored > 2 * cached.cost.weak_tokens_scored
     assert naive.cost.strong_tokens_sampled == cached.cost.strong_tokens_sampled
-
-
-def _unshared_entries(jobs):
-    return [(pos, [j]) for j, job in enumerate(jobs) for pos in range(job.start, job.end)]
-
-
-def _eos_values_by_forks(proxy, states):
-    """Eos scoring as it was before the end token was read off each answer's row
-    in place: fork the answer, append the end token, score it."""
-    values = []
-    for state in states:
-        log_probs = []
-        for role, scorer in enumerate(proxy.scorers):
-            fork = scorer.context.fork(state.weak[role].branch)
-            (end,) = scorer.context.score([fork], [[proxy._prompts[role][0].end_token]])
-            scorer.context.release(fork)
-            log_probs.append(state.weak[role].log_prob + end[0])
-        values.append(proxy._value(*log_probs))
-    return values
-
-
-@pytest.mark.parametrize("terminal_reward", ["-inf", "eos"])
-@pytest.mark.parametrize("same_weak_model", [False, True])
-def test_weak_savings_build_the_same_tree_for_fewer_tokens(tiny_models, monkeypatch, same_weak_model, terminal_reward):
-    """Shared decodes, parked parents, eos read in place and spans' last tokens
-    left undecoded change what is read, not what it is worth: the same tree as
-    without them."""
-    settings = SearchSettings(**{**SMALL, "terminal_reward": terminal_reward})
-    models = make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8)  # evicts: rebuilds too
-    new = search(models, PROMPT, settings)
-    assert sum(c.stats.evictions for c in models.proxy.contexts) > 0
-    # Before: each branch decoded its own tokens, a scored span's last one too,
-    # expanded nodes kept their sequence ids, and eos scoring forked.
-    monkeypatch.setattr(context_module, "_plan_entries", _unshared_entries)
-    monkeypatch.setattr(context_module._Job, "end", property(lambda job: len(job.tokens)))
-    monkeypatch.setattr(Context, "park", lambda self, branch: None)
-    monkeypatch.setattr(Proxy, "eos_values", _eos_values_by_forks)
-    old = search(make_models(tiny_models, same_weak_model=same_weak_model, n_seq_max=8), PROMPT, settings)
-    nodes_new, nodes_old = new.tree_dict()["nodes"], old.tree_dict()["nodes"]
-    assert [(n["answer"], n["visits"]) for n in nodes_new] == [(n["answer"], n["visits"]) for n in nodes_old]
-    for x, y in zip(nodes_new, nodes_old):
-        assert (x["value"] is None) == (y["value"] is None)
-        if x["value"] is not None:
-            assert x["value"] == pytest.approx(y["value"], abs=TOL)
-    assert (new.text, new.source) == (old.text, old.source)
-    assert new.value == pytest.approx(old.value, abs=TOL)
-    assert new.cost.weak_tokens_scored < old.cost.weak_tokens_scored
 
 
 def test_token_budget_stops_the_tree_search_once_spent(tiny_models):

@@ -104,9 +104,6 @@ class SearchSettings:
     """When a search is cut short (timeout, or a KV cache too small to go on),
     return the best answer found so far (`SearchResult.stopped` says why)
     instead of raising. Needs something to return: w2s and cbs only."""
-    naive: bool = False
-    """Re-read every prefix from scratch, as code without a KV cache does: the same
-    tree at its cost. For checking the cache and measuring what it saves."""
 
     def __post_init__(self) -> None:
         for setting in declared_settings(type(self)):

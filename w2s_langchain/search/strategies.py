@@ -99,13 +99,11 @@ class _Run:
 
     @contextmanager
     def active(self):
-        """Apply the per-search switches (naive, beta), take the cost snapshot;
-        afterwards free every branch the search made and restore the contexts."""
+        """Apply the per-search switches (the stop check, beta), take the cost
+        snapshot; afterwards free every branch the search made and restore the contexts."""
         self.started = time.perf_counter()
         self.before = [_snapshot(c) for c in self.contexts]
-        saved = [c.reuse_prefixes for c in self.contexts]
         for c in self.contexts:
-            c.reuse_prefixes = not self.settings.naive
             c.interrupt = self.check  # also between the pieces of a long decode (a long prompt)
         if self.proxy is not None:
             self.proxy.beta = self.settings.beta
@@ -116,8 +114,7 @@ class _Run:
                 self.strong.release(node.chunk)
                 if node.proxy is not None:
                     self.proxy.release(node.proxy)
-            for c, reuse in zip(self.contexts, saved):
-                c.reuse_prefixes = reuse
+            for c in self.contexts:
                 c.interrupt = None
 
     def cut_short(self, root: Node, answer: Node | None, why: Exception) -> SearchResult:
