@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_gguf import BrokenModels, TinyModels, write_broken_models, write_tiny_models
+from support.tiny_gguf import BrokenModels, TinyModels, write_broken_models, write_tiny_models
 from w2s_langchain.engine.local_server import LocalLlamaServer, find_llama_server
 from w2s_langchain.models.registry import pull
 

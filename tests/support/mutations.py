@@ -36,7 +36,7 @@ class Mutation:
     """pytest arguments (files, -k expressions) that should fail with it."""
 
 
-SCRIPTED = "tests/test_search_scripted.py"
+SCRIPTED = "tests/search/test_search_scripted.py"
 
 MUTATIONS = [
     Mutation(
@@ -44,7 +44,7 @@ MUTATIONS = [
         "search/tree.py",
         "    finally:\n        for path in paths:\n            virtual_loss(path, -1)\n",
         "    except BaseException:\n        raise\n    for path in paths:\n        virtual_loss(path, -1)\n",
-        ("tests/test_tree.py",),
+        ("tests/search/test_tree.py",),
     ),
     Mutation(
         "the budget stop `left <= 0` written `left < 0`",
@@ -93,7 +93,7 @@ MUTATIONS = [
         "search/strategies.py",
         "        reserve = min(reserve, max(s.token_budget - s.children * s.chunk_tokens, 0))\n",
         "",
-        (SCRIPTED, "tests/test_llms.py", "-k", "token_budget_below"),
+        (SCRIPTED, "tests/components/test_llms.py", "-k", "budget_below"),
     ),
     Mutation(
         "every parent of a step given parent 0's entropy",
@@ -107,28 +107,28 @@ MUTATIONS = [
         "search/tree.py",
         "(1 + w * (parent.entropy or 0.0))",
         "(1 + w * (child.entropy or 0.0))",
-        ("tests/test_tree.py",),
+        ("tests/search/test_tree.py",),
     ),
     Mutation(
         "fork claiming cells that were never decoded",
         "engine/context.py",
         "shared = min(n, branch._n_cached) if branch.resident",
         "shared = n if branch.resident",
-        ("tests/test_engine.py", "-k", "fork"),
+        ("tests/engine/test_engine.py", "-k", "fork"),
     ),
     Mutation(
         "eos scored with the other role's end token",
         "search/proxy.py",
         "log_softmax_at(r, ends[1])",
         "log_softmax_at(r, ends[0])",
-        ("tests/test_scoring.py",),
+        ("tests/search/test_scoring.py",),
     ),
     Mutation(
         "answer_start ignoring an answer that merges into the prompt",
         "search/proxy.py",
         "answer_start = common_prefix_length(prompt_tokens, tokens)",
         "answer_start = len(prompt_tokens)",
-        ("tests/test_scoring.py",),
+        ("tests/search/test_scoring.py",),
     ),
 ]
 

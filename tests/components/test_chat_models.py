@@ -10,24 +10,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from w2s_langchain.chat_models import ChatW2SAligned, to_conversation
-
-CHAT = {"format": "chat"}
-
-
-@pytest.fixture
-def make_chat(tiny_models):
-    def make(**fields):
-        settings = dict(
-            strong=str(tiny_models.tiny_a), weak=str(tiny_models.tiny_a), weak_ref=str(tiny_models.tiny_a),
-            strong_prompt=CHAT, weak_prompt={"format": "chat", "system": "Be warm."},
-            weak_ref_prompt={"format": "chat", "system": "Be cold."},
-            iterations=4, children=2, chunk_tokens=3, max_tokens=9, n_ctx=512, n_threads=1, seed=2,
-        )
-        return ChatW2SAligned(**{**settings, **fields})
-
-    return make
-
+from w2s_langchain.chat_models import to_conversation
 
 CONVERSATION = [
     SystemMessage("Answer briefly."),

@@ -16,7 +16,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from tiny_gguf import CHATML_TEMPLATE, build_vocab, write_tiny_model
+from support.tiny_gguf import CHATML_TEMPLATE, build_vocab, write_tiny_model
 
 ROUND_TRIP_TEXTS = [
     "",

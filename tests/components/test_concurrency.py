@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from test_chat_models import make_chat  # noqa: F401 (a fixture)
-from test_llms import PROMPT, make_llm, nothing_held  # noqa: F401 (make_llm is a fixture)
+from support.components import PROMPT, nothing_held
 
 @dataclass(frozen=True)
 class Call:

@@ -1,10 +1,11 @@
-"""Golden W2S-AlignTree trees: what the search built on the tiny models before
-leaf parallelism existed, so that one leaf per step can be held to exactly that.
+"""Golden W2S-AlignTree trees: what one leaf per step builds on the tiny models,
+held exactly (tests/search/test_w2s.py), so that a change to the search that
+should not change the tree cannot.
 
-tests/data/w2s_trees.json was written by this module on commit 3c8f724 (the code
-before `parallel_leaves`), from the repository root:
+tests/data/w2s_trees.json is written by this module, from the repository root
+(only when the search is meant to change, saying why in the commit):
 
-    PYTHONPATH=.:tests python tests/golden_trees.py
+    PYTHONPATH=.:tests python tests/support/golden_trees.py
 
 Each case records every node in walk order and the answer and cost counters
 (wall times left out: they are not reproducible).
@@ -20,7 +21,7 @@ from typing import Any
 
 from w2s_langchain.search import SearchResult
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "w2s_trees.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "w2s_trees.json"
 
 _SMALL = dict(children=3, chunk_tokens=3, max_new_tokens=12, seed=5)
 CASES: dict[str, dict[str, Any]] = {
@@ -42,7 +43,7 @@ COUNTERS = (
 ENGINE_COUNTERS = ("strong_tokens_decoded", "weak_tokens_scored", "tokens_from_cache", "decode_calls")
 
 # Floats equal to within the noise of F16 KV cells read in other batch shapes (the
-# engine's tolerance on these F32 models, tests/test_engine.py); the tree's shape,
+# engine's tolerance on these F32 models, tests/engine/test_engine.py); the tree's shape,
 # texts and visits must be exactly the same.
 ABS_TOL = 1e-3
 
@@ -89,8 +90,8 @@ def differences(got: Any, expected: Any, where: str = "") -> list[str]:
 
 
 def main() -> None:
-    from test_search import PROMPT, make_models
-    from tiny_gguf import write_tiny_models
+    from support.search_models import PROMPT, make_models
+    from support.tiny_gguf import write_tiny_models
 
     from w2s_langchain.search import SearchSettings, search
 

@@ -22,29 +22,12 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from pydantic import ValidationError
 
-from loop_ticker import run_while_ticking
+from support.loop_ticker import run_while_ticking
+from support.components import PROMPT, nothing_held
 from w2s_langchain.engine import load_model
 from w2s_langchain.engine import model as engine_model
 from w2s_langchain.errors import SearchTimeoutError
 from w2s_langchain.llms import W2SAlignedLLM
-
-PROMPT = "Once upon a time"
-PLAIN = {"format": "plain"}
-
-
-@pytest.fixture
-def make_llm(tiny_models):
-    def make(**fields):
-        settings = dict(
-            strong=str(tiny_models.tiny_c), weak=str(tiny_models.tiny_a), weak_ref=str(tiny_models.tiny_b),
-            strong_prompt=PLAIN, weak_prompt=PLAIN, weak_ref_prompt=PLAIN,
-            iterations=6, children=3, chunk_tokens=3, max_new_tokens=12, n_ctx=512, n_threads=1, seed=3,
-        )
-        if "max_tokens" in fields:  # the same setting under its other name
-            del settings["max_new_tokens"]
-        return W2SAlignedLLM(**{**settings, **fields})
-
-    return make
 
 
 class Recorder(BaseCallbackHandler):
@@ -130,11 +113,6 @@ def test_async_calls_do_not_block_the_loop_and_match_sequential_answers(make_llm
 
 
 ENDLESS = dict(iterations=1_000_000, chunk_tokens=1, max_new_tokens=100)
-
-
-def nothing_held(llm) -> bool:
-    models = llm._aligner._models
-    return all(c.n_resident == 0 and c.kv_cells_used() == 0 for c in [models.strong] + models.proxy.contexts)
 
 
 @pytest.mark.parametrize("call", ["ainvoke", "astream"])

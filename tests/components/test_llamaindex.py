@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from llama_index.core.llms import ChatMessage
-from loop_ticker import run_while_ticking
+from support.loop_ticker import run_while_ticking
 
 from w2s_langchain.llamaindex_llm import W2SAlignedLlamaIndexLLM
 

