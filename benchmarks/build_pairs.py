@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from quality import CONCISE, PLAIN, SENTIMENT, Task, gold_score, split_of, spread, task_prompts
 
-from w2s_langchain.aligner import Aligner, load_named_model, load_preset
+from w2s_langchain.service.aligner import Aligner, load_named_model, load_preset
 from w2s_langchain.search import StrongModel
-from w2s_langchain.preference_check import PAIRS_DIR, check_pairs, read_pairs
+from w2s_langchain.service.preference_check import PAIRS_DIR, check_pairs, read_pairs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from w2s_langchain.engine import Context, load_model
-from w2s_langchain.registry import resolve_model
+from w2s_langchain.models.registry import resolve_model
 
 TEXT = (
     "The old lighthouse stood at the edge of the cliff, its white paint peeling after "

@@ -297,7 +297,7 @@ _aligners: dict[str, Any] = {}
 
 
 def _aligner(task: Task, threads: int):
-    from w2s_langchain.aligner import Aligner, load_preset
+    from w2s_langchain.service.aligner import Aligner, load_preset
 
     if task.name not in _aligners:
         config = load_preset(task.preset)

@@ -42,12 +42,12 @@ from pathlib import Path
 
 from w2s_langchain.errors import W2SError
 from w2s_langchain.llms import W2SAlignedLLM
-from w2s_langchain.local_server import LocalLlamaServer
+from w2s_langchain.engine.local_server import LocalLlamaServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from soak import lasting_threads, proc_status  # noqa: E402
-from tiny_gguf import write_tiny_models  # noqa: E402
+from support.tiny_gguf import write_tiny_models  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results") / "soak.md"
 SECTION = "# Served soak"

@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from w2s_langchain.llms import W2SAlignedLLM
-from w2s_langchain.local_server import LocalLlamaServer
-from w2s_langchain.registry import resolve_model
+from w2s_langchain.engine.local_server import LocalLlamaServer
+from w2s_langchain.models.registry import resolve_model
 
 PROMPTS = ["The restaurant on the corner", "I bought this blender last week and", "The hotel room was", "Our guide on the tour"]
 RESULTS = Path(__file__).resolve().parent / "results"

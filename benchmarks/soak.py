@@ -41,7 +41,7 @@ from w2s_langchain.engine import Context
 from w2s_langchain.llms import W2SAlignedLLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the suite's tiny model writer
-from tiny_gguf import write_tiny_models  # noqa: E402
+from support.tiny_gguf import write_tiny_models  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results") / "soak.md"
 TINY_PROMPTS = ["Once upon a time", "The cat sat", "Hello there", "A long way from home", "The dog ran"]

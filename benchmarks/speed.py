@@ -100,7 +100,7 @@ def worker(threads: int) -> None:
     """Answer jobs (JSON lines on stdin) with measurements (JSON lines on stdout)."""
     import llama_cpp
 
-    from w2s_langchain.aligner import Aligner, load_preset
+    from w2s_langchain.service.aligner import Aligner, load_preset
     from w2s_langchain.search import strategies
 
     decodes = DecodeLog(llama_cpp)
@@ -130,7 +130,12 @@ def worker(threads: int) -> None:
         evicted = {role: sum(c.stats.evictions for c in cs) for role, cs in contexts.items()}
         decodes.by_context.clear()
         stage2["seconds"] = 0.0
-        result = aligner.search(job["prompt"], aligner.config.search.with_(**job["settings"]))
+        settings = dict(job["settings"])
+        # Naive: contexts that re-read every prefix (the engine's switch, for checks like this one).
+        reuse = not settings.pop("naive", False)
+        for c in contexts["strong"] + contexts["weak"]:
+            c.reuse_prefixes = reuse
+        result = aligner.search(job["prompt"], aligner.config.search.with_(**settings))
         decode = {}
         for role, cs in contexts.items():
             logs = [decodes.by_context.get(_address(c._handle)) for c in cs]
@@ -289,7 +294,7 @@ def tokens_read(result: dict) -> int:
 
 
 def strong_models(args) -> list[str]:
-    from w2s_langchain.aligner import load_preset
+    from w2s_langchain.service.aligner import load_preset
 
     preset_strong = load_preset(PRESET).strong.model
     return args.strong or [preset_strong, *larger_pulled_models(preset_strong)]
@@ -298,7 +303,7 @@ def strong_models(args) -> list[str]:
 def larger_pulled_models(preset_strong: str) -> list[str]:
     """Registry models larger than the preset's strong one that are already pulled."""
     from w2s_langchain.errors import W2SError
-    from w2s_langchain.registry import load_registry, resolve_model
+    from w2s_langchain.models.registry import load_registry, resolve_model
 
     registry = load_registry()
     names = []
@@ -381,7 +386,7 @@ PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM
 PEAK_MEMORY_CHILD = textwrap.dedent(
     f"""
     import sys
-    from w2s_langchain.aligner import Aligner, load_preset
+    from w2s_langchain.service.aligner import Aligner, load_preset
     config = load_preset("{PRESET}").with_overrides(runtime={{"n_threads": int(sys.argv[1])}})
     Aligner(config).search("The hotel room was", config.search.with_(iterations=40))
     print({PEAK_RSS})
@@ -391,8 +396,8 @@ PEAK_MEMORY_CHILD = textwrap.dedent(
 
 def peak_memory(bench: Bench, out) -> None:
     """(d), in fresh processes, so nothing loaded before counts."""
-    from w2s_langchain.aligner import load_preset
-    from w2s_langchain.registry import resolve_model
+    from w2s_langchain.service.aligner import load_preset
+    from w2s_langchain.models.registry import resolve_model
 
     config = load_preset(PRESET)
     files = {resolve_model(role.model) for role in (config.strong, config.weak, config.weak_ref)}
@@ -410,7 +415,7 @@ def peak_memory(bench: Bench, out) -> None:
             return int(done.stdout.strip().splitlines()[-1])
 
         peak = child(PEAK_MEMORY_CHILD, str(bench.args.threads))
-        imports = child(f"import w2s_langchain.aligner; print({PEAK_RSS})")
+        imports = child(f"import w2s_langchain.service.aligner; print({PEAK_RSS})")
         out(f"| {tree.name} ({tree.commit}) | {peak / mb:.0f} MB | {(peak - imports) / mb:.0f} MB "
             f"(imports alone: {imports / mb:.0f} MB) | {(peak - imports) / size:.2f}x |")
 

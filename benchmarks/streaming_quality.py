@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import RESULTS, SENTIMENT, bootstrap_mean, every_nth, gold_score, headline_budget, load_prompts, strategy_settings, win_rate  # noqa: E402
 
-from w2s_langchain.aligner import Aligner, load_preset  # noqa: E402
+from w2s_langchain.service.aligner import Aligner, load_preset  # noqa: E402
 
 
 def main() -> None:

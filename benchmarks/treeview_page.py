@@ -1,6 +1,6 @@
 """How heavy the tree view's page is, in headless Chromium: bytes, DOM elements at
 load, load time and the time of each interaction, on synthetic trees of 600 and
-5,000 nodes (tests/treeview_trees.py) and, with --tree, on an exported search.
+5,000 nodes (tests/support/treeview_trees.py) and, with --tree, on an exported search.
 Also takes the README's screenshot (--screenshot).
 
     python benchmarks/treeview_page.py --tree tree.json --screenshot docs/images/tree-view.png
@@ -26,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import browser  # noqa: E402  (tests/browser.py)
-import treeview_trees  # noqa: E402
-from w2s_langchain.treeview import tree_to_html  # noqa: E402
+from support import browser, treeview_trees  # noqa: E402  (tests/support/)
+from w2s_langchain.cli.treeview import tree_to_html  # noqa: E402
 
 SCREEN = {"width": 1366, "height": 768}
 

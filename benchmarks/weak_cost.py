@@ -15,7 +15,7 @@ import argparse
 import time
 from dataclasses import asdict
 
-from w2s_langchain.aligner import Aligner, load_preset
+from w2s_langchain.service.aligner import Aligner, load_preset
 
 PROMPT = "The restaurant on the corner"
 

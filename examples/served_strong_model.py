@@ -13,8 +13,8 @@ import asyncio
 from _budget import ITERATIONS, THREADS
 
 from w2s_langchain.llms import W2SAlignedLLM
-from w2s_langchain.local_server import LocalLlamaServer
-from w2s_langchain.registry import resolve_model
+from w2s_langchain.engine.local_server import LocalLlamaServer
+from w2s_langchain.models.registry import resolve_model
 
 OPENINGS = ["The train ride was", "My new phone is", "The concert last night", "The hotel breakfast"]
 

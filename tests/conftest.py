@@ -6,15 +6,16 @@ tests run against real llama.cpp without downloading any model.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tiny_gguf import BrokenModels, TinyModels, write_broken_models, write_tiny_models
-from w2s_langchain.local_server import LocalLlamaServer, find_llama_server
-from w2s_langchain.registry import pull
+from support.tiny_gguf import BrokenModels, TinyModels, write_broken_models, write_tiny_models
+from w2s_langchain.engine.local_server import LocalLlamaServer, find_llama_server
+from w2s_langchain.models.registry import pull
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,7 +52,8 @@ def llama_server_binary() -> Path:
     except FileNotFoundError:
         script = Path(__file__).resolve().parents[1] / ".ci" / "build-llama-server"
         print("\nbuilding llama-server once for this machine (about 6-15 minutes on 2 cores) ...", file=sys.__stderr__)
-        built = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYTHON": sys.executable}  # the interpreter that has llama-cpp-python
+        built = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True, env=env)
         return Path(built.stdout.strip().splitlines()[-1])
 
 

@@ -12,8 +12,8 @@ from typing import get_args
 
 import pytest
 
-from w2s_langchain import cli
-from w2s_langchain.aligner import Runtime
+from w2s_langchain.cli import align as cli
+from w2s_langchain.service.aligner import Runtime
 from w2s_langchain.chat_models import ChatW2SAligned
 from w2s_langchain.declared_settings import declared_settings
 from w2s_langchain.llamaindex_llm import W2SAlignedLlamaIndexLLM
@@ -93,7 +93,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from w2s_langchain.aligner import Runtime
+from w2s_langchain.service.aligner import Runtime
 from w2s_langchain.search import SearchSettings
 
 
@@ -113,13 +113,13 @@ _PROBE_SCRIPT = '''
 import json
 
 import probe_declarations
-import w2s_langchain.aligner as aligner
+import w2s_langchain.service.aligner as aligner
 import w2s_langchain.search as search
 
 aligner.Runtime = probe_declarations.ProbeRuntime
 aligner.SearchSettings = search.SearchSettings = probe_declarations.ProbeSearchSettings
 
-from w2s_langchain import cli
+from w2s_langchain.cli import align as cli
 from w2s_langchain.chat_models import ChatW2SAligned
 from w2s_langchain.llamaindex_llm import W2SAlignedLlamaIndexLLM
 from w2s_langchain.llms import W2SAlignedLLM

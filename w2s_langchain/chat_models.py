@@ -24,8 +24,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field
 
-from .aligned_search import StreamPiece, generation_info, stream_pieces
-from .langchain_aligned import LangChainAligned
+from ._component.langchain_base import LangChainAligned
+from ._component.search_call import StreamPiece, generation_info, stream_pieces
 from .prompts import Message, render
 from .search import SearchResult
 

@@ -29,7 +29,7 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import ConfigDict, Field, SecretStr, field_serializer
 
-from .aligned_search import AlignedSearch, generation_info, in_thread, iterate_in_thread
+from ._component.search_call import AlignedSearch, generation_info, in_thread, iterate_in_thread
 from .prompts import Message
 
 _ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}

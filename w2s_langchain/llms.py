@@ -16,9 +16,9 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from .aligned_search import generation_info, shared_aligner, stream_pieces
-from .aligned_settings import search_overrides
-from .langchain_aligned import LangChainAligned
+from ._component.search_call import generation_info, shared_aligner, stream_pieces
+from ._component.fields import search_overrides
+from ._component.langchain_base import LangChainAligned
 from .search import SearchResult
 
 

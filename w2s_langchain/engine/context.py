@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ContextCreationError, ContextFullError, ContextOverflowError, DecodeError
 from .model import Model, interrupts_deferred
+from .plan import Job, plan_entries
 from .sampling import log_softmax_at
 
 _DECODE_NO_KV_SLOT = 1
@@ -72,33 +73,6 @@ class Branch:
     def __repr__(self) -> str:
         state = "released" if self._released else f"seq={self._seq}, cached={self._n_cached}"
         return f"Branch(len={len(self._tokens)}, {state})"
-
-
-@dataclass
-class _Job:
-    """One branch's part of a decode: the tokens it gains and the logits it needs.
-
-    Rows are wanted at positions `first_output .. end - 1`; the row at position
-    i predicts token i + 1.
-    """
-
-    branch: Branch
-    tokens: list[int]
-    first_output: int
-    logprobs: bool  # True: log p(tokens[i + 1]) per row; False: the raw rows
-    start: int = 0  # first position to decode, set by the plan
-    cached: int = 0  # tokens the branch's cache held when the plan began, set by the plan
-
-    @property
-    def end(self) -> int:
-        """One past the last position decoded: the last whose row is wanted (a
-        scored span's last token is only appended)."""
-        return len(self.tokens) - 1 if self.logprobs else len(self.tokens)
-
-    def wants_row(self, pos: int) -> bool:
-        if self.logprobs:  # the last token predicts nothing that is scored
-            return self.first_output <= pos < len(self.tokens) - 1
-        return pos >= self.first_output
 
 
 @dataclass
@@ -168,8 +142,7 @@ class Context:
         n_batch = n_batch if n_batch is not None else min(512, n_ctx)
         check_int_range("n_batch", n_batch, 1, n_ctx, "n_ctx")
         check_int_range("n_threads", n_threads, 1, MAX_THREADS, "llama.cpp's thread limit")
-        max_seq = llama_cpp.llama_max_parallel_sequences()
-        check_int_range("n_seq_max", n_seq_max, 1, max_seq, "llama.cpp's sequence limit")
+        check_int_range("n_seq_max", n_seq_max, 1, max_sequences(), "llama.cpp's sequence limit")
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -198,7 +171,7 @@ class Context:
                     f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
                     "probably not enough memory; lower n_ctx or n_batch."
                 )
-            # Room for every sequence id on each token: see _plan_entries.
+            # Room for every sequence id on each token: see plan.plan_entries.
             batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
             # The finalizer holds the model, so the model outlives the context even when the
             # garbage collector frees both in one pass (llama.cpp reads it in llama_free).
@@ -289,7 +262,7 @@ class Context:
         Returns each branch's next-token logits, shape (len(branches), n_vocab)."""
         if len(tokens) != len(branches):
             raise ValueError(f"extend got {len(branches)} branches but {len(tokens)} tokens")
-        jobs = [_Job(b, b._tokens + [int(t)], len(b), logprobs=False) for b, t in zip(branches, tokens)]
+        jobs = [Job(b, b._tokens + [int(t)], len(b), logprobs=False) for b, t in zip(branches, tokens)]
         return np.stack(self._run(jobs))
 
     def next_logits(self, branches: list[Branch]) -> np.ndarray:
@@ -298,7 +271,7 @@ class Context:
         for b in branches:
             if not len(b):
                 raise ValueError("an empty branch has no next-token logits: start it with at least one token")
-        jobs = [_Job(b, b._tokens, len(b) - 1, logprobs=False) for b in branches]
+        jobs = [Job(b, b._tokens, len(b) - 1, logprobs=False) for b in branches]
         return np.stack(self._run(jobs))
 
     def score(self, branches: list[Branch], spans: list[list[int]]) -> list[np.ndarray]:
@@ -314,7 +287,7 @@ class Context:
         for b, span in zip(branches, spans):
             if not len(b):
                 raise ValueError("cannot score a span at the start of an empty branch: it needs a preceding token")
-            jobs.append(_Job(b, b._tokens + [int(t) for t in span], len(b) - 1, logprobs=True))
+            jobs.append(Job(b, b._tokens + [int(t) for t in span], len(b) - 1, logprobs=True))
         return [np.asarray(lp, dtype=np.float64) for lp in self._run(jobs)]
 
     # --- inspection -----------------------------------------------------------
@@ -331,7 +304,7 @@ class Context:
 
     # --- the plan -------------------------------------------------------------
 
-    def _run(self, jobs: list[_Job]) -> list:
+    def _run(self, jobs: list[Job]) -> list:
         with self._lock:
             branches = [job.branch for job in jobs]
             if len({id(b) for b in branches}) < len(branches):
@@ -341,7 +314,7 @@ class Context:
                 self._check_tokens(job.tokens, len(job.branch))
             return self._run_in_groups(jobs)
 
-    def _run_in_groups(self, jobs: list[_Job]) -> list:
+    def _run_in_groups(self, jobs: list[Job]) -> list:
         """Run the jobs together when they fit, else in smaller groups: more
         branches than sequence ids, or than the KV cache holds at once, still work."""
         limit = self.n_seq_max if self.reuse_prefixes else 1  # naive: one sequence at a time
@@ -361,11 +334,11 @@ class Context:
             half = len(jobs) // 2
             return self._run_halving(jobs[:half]) + self._run_halving(jobs[half:])
 
-    def _run_together(self, jobs: list[_Job]) -> list:
+    def _run_together(self, jobs: list[Job]) -> list:
         protected = tuple(job.branch for job in jobs)
         for job in jobs:
             self._prepare(job, protected)
-        entries = _plan_entries(jobs)
+        entries = plan_entries(jobs)
         for pos, js in entries:
             if any(pos < jobs[j].cached for j in js):
                 self.stats.tokens_reread += 1
@@ -392,7 +365,7 @@ class Context:
                 self._truncate(job.branch, 0)
         return [r[0] if not job.logprobs else r for r, job in zip(results, jobs)]
 
-    def _prepare(self, job: _Job, protected: tuple[Branch, ...]) -> None:
+    def _prepare(self, job: Job, protected: tuple[Branch, ...]) -> None:
         """Make the branch resident and decide where its decode starts (at the
         first row wanted, or sooner when the cache lacks tokens before it)."""
         branch = job.branch
@@ -531,29 +504,9 @@ class Context:
             raise ValueError(f"token ids must be in 0..{self.model.n_vocab - 1}")
 
 
-def _plan_entries(jobs: list[_Job]) -> list[tuple[int, list[int]]]:
-    """What one operation decodes: (position, the jobs that decode it), in
-    position order. Jobs that start at the same position and agree on every token
-    up to and including this one decode it once, for all their sequences (llama.cpp
-    tags the cell with each, as its own examples do for a shared system prompt):
-    the K children of a node re-reading its last token for their first row, or
-    rebuilding the same evicted prefix, cost one child's tokens. The row is the
-    same for each, since it depends only on those tokens. Position order keeps each
-    sequence's positions in order across the pieces a long operation is split in."""
-    ids: dict = {}  # a prefix (the tokens before `start`, then one token at a time) -> an id
-    entry_at: dict[int, tuple[int, list[int]]] = {}
-    entries = []
-    for j, job in enumerate(jobs):
-        prefix = ids.setdefault(("before", tuple(job.tokens[: job.start])), len(ids))
-        for pos in range(job.start, job.end):
-            prefix = ids.setdefault((prefix, job.tokens[pos]), len(ids))
-            if prefix in entry_at:
-                entry_at[prefix][1].append(j)
-            else:
-                entry_at[prefix] = (pos, [j])
-                entries.append(entry_at[prefix])
-    entries.sort(key=lambda entry: entry[0])  # stable: jobs in order within a position
-    return entries
+def max_sequences() -> int:
+    """llama.cpp's limit on n_seq_max. Shared with the runtime settings."""
+    return llama_cpp.llama_max_parallel_sequences()
 
 
 def check_int_range(name: str, value, lo: int, hi: int, hi_name: str) -> None:

@@ -133,7 +133,7 @@ _loaded_lock = threading.Lock()
 
 def load_model(path: str | os.PathLike[str], settings: LoadSettings | None = None) -> Model:
     """The loaded model of the GGUF file at `path`, shared process-wide. Registry
-    names are resolved above the engine (`w2s_langchain.aligner.load_named_model`)."""
+    names are resolved above the engine (`w2s_langchain.service.aligner.load_named_model`)."""
     settings = settings or LoadSettings()
     path = Path(path).expanduser().resolve()
     key = (str(path), settings)

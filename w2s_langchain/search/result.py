@@ -82,7 +82,7 @@ class SearchResult:
         return data
 
     def tree_dict(self) -> dict[str, Any]:
-        """The tree as plain data, the schema `w2s_langchain.treeview.tree_to_html` draws:
+        """The tree as plain data, the schema `w2s_langchain.cli.treeview.tree_to_html` draws:
         the prompt, the answer, how it was chosen, the settings and the cost, and the
         nodes, parents before children, each with its statistics and what the search
         did with it (expanded at which iteration, stage-2 rank, added by the fallback)."""

@@ -61,7 +61,10 @@ class SearchSettings:
     """Most strong tokens a w2s search samples, the "finish" fallback's included
     (the expansion that reaches it gets shorter chunks, so it is met to within K
     tokens, P x K with `parallel_leaves`): a cap on compute, and how strategies
-    are compared at a matched budget. None: run all `iterations`."""
+    are compared at a matched budget. A budget too small to finish an answer
+    still buys the search's first step; the "finish" fallback then samples what
+    is left and the answer stops there (source "fallback_truncated"). None: run
+    all `iterations`."""
     parallel_leaves: int = 1
     """P: leaves each w2s step selects and grows together (leaf parallelism).
     With P > 1 a step selects up to P different leaves one after another, a
@@ -133,9 +136,6 @@ class SearchSettings:
     """When a search is cut short (timeout, or a KV cache too small to go on),
     return the best answer found so far (`SearchResult.stopped` says why)
     instead of raising. Needs something to return: w2s and cbs only."""
-    naive: bool = False
-    """Re-read every prefix from scratch, as code without a KV cache does: the same
-    tree at its cost. For checking the cache and measuring what it saves."""
 
     def __post_init__(self) -> None:
         for setting in declared_settings(type(self)):

@@ -37,6 +37,15 @@ class SearchModels:
     strong_format: PromptFormat
     proxy: Proxy | None
 
+    def sampler(self, settings: SearchSettings, check: Callable[[], None]) -> StrongModel:
+        """The strong model's side of one search: what expands the tree's leaves
+        (start, expand, release, tokens_sampled). Tree-logic tests put a scripted
+        one here, and a scripted proxy (start, extend, eos_values, release)."""
+        return StrongModel(
+            self.strong, self.strong_format, settings.sampling, settings.max_new_tokens, settings.stop,
+            rng=np.random.default_rng(settings.seed), check=check,
+        )
+
 
 def search(
     models: SearchModels,
@@ -119,10 +128,7 @@ class _Run:
         self.steps = 0
         self.prompt_tokens = 0
         self.nodes: list[Node] = []
-        self.strong = StrongModel(
-            models.strong, models.strong_format, settings.sampling, settings.max_new_tokens, settings.stop,
-            rng=np.random.default_rng(settings.seed), check=self.check,
-        )
+        self.strong = models.sampler(settings, self.check)
         self.proxy = models.proxy
         weak = self.proxy.contexts if self.proxy else []
         self.weak_contexts = [c for c in weak if c is not models.strong]
@@ -130,13 +136,11 @@ class _Run:
 
     @contextmanager
     def active(self):
-        """Apply the per-search switches (naive, beta), take the cost snapshot;
-        afterwards free every branch the search made and restore the contexts."""
+        """Apply the per-search switches (the stop check, beta), take the cost
+        snapshot; afterwards free every branch the search made and restore the contexts."""
         self.started = time.perf_counter()
         self.before = [_snapshot(c) for c in self.contexts]
-        saved = [c.reuse_prefixes for c in self.contexts]
         for c in self.contexts:
-            c.reuse_prefixes = not self.settings.naive
             c.interrupt = self.check  # also between the pieces of a long decode (a long prompt)
         if self.proxy is not None:
             self.proxy.beta = self.settings.beta
@@ -149,8 +153,7 @@ class _Run:
                 self.strong.release(node.chunk)
                 if node.proxy is not None:
                     self.proxy.release(node.proxy)
-            for c, reuse in zip(self.contexts, saved):
-                c.reuse_prefixes = reuse
+            for c in self.contexts:
                 c.interrupt = None
 
     def cut_short(self, answer: Node | None, why: Exception) -> SearchResult:
@@ -393,7 +396,8 @@ def _tokens_left(run: _Run, root: Node, rankable: bool) -> float:
     """What the tree search may still sample of its token budget (inf without one).
     Every strong token a search samples counts, the fallback's included: while
     stage 2 has nothing to rank, the "finish" fallback may have to complete the
-    best path, so the tree leaves it the tokens one plain sample needs for that."""
+    best path, so the tree leaves it the tokens one plain sample needs for that,
+    but never the tokens of its own first step."""
     s = run.settings
     if s.token_budget is None:
         return math.inf
@@ -401,6 +405,9 @@ def _tokens_left(run: _Run, root: Node, rankable: bool) -> float:
     if s.fallback == "finish" and not rankable:
         end = _best_path(root)
         reserve = 0 if end.terminal else s.max_new_tokens - len(end.chunk.tokens)
+        # Never so much that the root's K chunks do not fit: a budget too small
+        # to finish any answer still buys a steered start.
+        reserve = min(reserve, max(s.token_budget - s.children * s.chunk_tokens, 0))
     return s.token_budget - reserve - run.strong.tokens_sampled
 
 
@@ -451,10 +458,12 @@ def _fallback(run: _Run, root: Node) -> SearchResult:
     """Nothing for stage 2 to rank: the best path, returned as it is ("truncate")
     or finished by the strong model ("finish"), choosing greedily by V among K
     children of L tokens per step. (When that path already ends finished, only the
-    root has finished children: the best of them, eos-scored, is the answer.) With a token budget, the finishing spends only
-    what is left of it: greedy steps while the budget still covers one more step
-    and a plain sample to the end, then that plain sample; if even that does not
-    fit, the answer stops where the budget does (and is reported as truncated)."""
+    root has finished children: the best of them, eos-scored, is the answer.) With
+    a token budget, the finishing spends only what is left of it: greedy steps
+    while the budget still covers one more step and a plain sample to the end,
+    then that plain sample; when what is left cannot pay for the plain sample, it
+    samples what is left and the answer stops where the budget does (source
+    "fallback_truncated", no finish reason)."""
     s = run.settings
     node = _best_path(root)
     if node.terminal:  # every finished answer hangs from the root (no candidate has a parent)
@@ -462,21 +471,21 @@ def _fallback(run: _Run, root: Node) -> SearchResult:
         run.score(finished, eos=True)
         best = max(finished, key=lambda n: n.eos_value)
         return run.result(best, best.eos_value, "fallback_finished")
-    if s.fallback == "truncate" or node is root:
-        return run.result(node, node.value, "fallback_truncated")
     budget = s.token_budget if s.token_budget is not None else math.inf
-    while not node.terminal:
+    while s.fallback == "finish" and not node.terminal:
         left = budget - run.strong.tokens_sampled
         to_go = s.max_new_tokens - len(node.chunk.tokens)
         if left >= s.children * s.chunk_tokens + max(to_go - s.chunk_tokens, 0):
             run.expand([node], s.children, s.chunk_tokens, distinct=True)
+        elif left >= 1:
+            run.expand([node], 1, min(to_go, left), distinct=False)
         else:
-            run.expand([node], 1, to_go, distinct=False)
+            break
         run.evaluate(node.children, terminal_reward="eos")
         for child in node.children:
             child.by_fallback = True
         node = max(node.children, key=lambda c: c.value)
-    return run.result(node, node.value, "fallback_finished")
+    return run.result(node, node.value, "fallback_finished" if node.terminal else "fallback_truncated")
 
 
 # --- baselines ----------------------------------------------------------------------
