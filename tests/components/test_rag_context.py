@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.packaged
 
-GUIDE = (Path(__file__).resolve().parents[1] / "examples" / "town_guide.txt").read_text(encoding="utf-8")
+GUIDE = (Path(__file__).resolve().parents[2] / "examples" / "town_guide.txt").read_text(encoding="utf-8")
 QUESTION = "When does the library open on Saturday?"
 SMALL = dict(iterations=2, max_tokens=8, n_threads=1)
 
