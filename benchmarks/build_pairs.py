@@ -1,4 +1,4 @@
-"""Build the labelled pairs that ship with each packaged preset (w2s_langchain/presets/pairs/NAME.jsonl).
+"""Build the labelled pairs that ship with each packaged preset (w2s_langchain/service/presets/pairs/NAME.jsonl).
 
     python benchmarks/build_pairs.py                    # every preset
     python benchmarks/build_pairs.py --presets chat     # one
