@@ -395,7 +395,7 @@ class Aligner:
         rebuilt as needed). A weak tokenizer may need more tokens than the strong
         one for the same text: we allow it twice as many."""
         paths = [(models.strong, models.strong_format, settings.max_new_tokens)]
-        paths += [(s.context, s.prompt_format, 2 * settings.max_new_tokens) for s in models.proxy.all_scorers]
+        paths += [(s.context, s.prompt_format, 2 * settings.max_new_tokens) for s in models.proxy.scorers_for(settings.ensemble)]
         for context, prompt_format, answer_tokens in paths:
             prompt_tokens = len(render(context.model, prompt_format, prompt).tokenize_with(context.model, ""))
             if prompt_tokens + answer_tokens > context.n_ctx:
