@@ -1,7 +1,7 @@
 """Quality benchmark: does the weak pair steer the strong model, how well, and at what price?
 
     python benchmarks/quality.py                      # the full plan (many hours on 2 cores; resumable)
-    python benchmarks/quality.py --quick              # a small run, under 10 minutes
+    python benchmarks/quality.py --quick              # 8 held-out prompts per task, headline only (not yet timed)
     python benchmarks/quality.py --tasks plain --headline-prompts 40 --experiments headline
     python benchmarks/quality.py --report             # rewrite the report from the saved rows
 
@@ -598,7 +598,7 @@ def report(rows: list[dict], header: list[str], out_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 held-out prompts per task, headline only: under 10 minutes")
+    parser.add_argument("--quick", action="store_true", help="8 held-out prompts per task, headline only (96 searches)")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks to run (default: all)")
     parser.add_argument("--experiments", nargs="+", choices=("headline", "budget", "remedy"), help="default: all")
     parser.add_argument("--split", choices=("heldout", "tune", "all"), help="prompts to run on (default: heldout)")

@@ -202,3 +202,16 @@ def test_a_presets_ensemble_is_averaged_by_the_aligner(tiny_models):
     assert on == pytest.approx(sum(singles) / 3, abs=TOL)
     result = aligner.search(PROMPT, config.search.with_(ensemble=True))
     assert result.text and all(c.n_resident == 0 for c in aligner._models.proxy.contexts)
+
+
+def test_ensemble_prompts_are_not_rendered_while_the_ensemble_is_off(tiny_models):
+    """A preset's ensemble prompts may need what its main prompts do not (tiny_b has no
+    chat template): with the ensemble off they are never rendered."""
+    from w2s_langchain.service.aligner import Aligner, AlignerConfig
+
+    chat = {"format": "chat", "system": "Be kind."}
+    config = AlignerConfig.from_dict(tiny_config(tiny_models, ensemble_prompts=[{"weak": chat, "weak_ref": chat}]))
+    aligner = Aligner(config)
+    assert aligner.search(PROMPT).text
+    with pytest.raises(ValueError, match="no chat template"):
+        aligner.search(PROMPT, config.search.with_(ensemble=True))

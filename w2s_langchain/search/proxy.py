@@ -117,7 +117,11 @@ class Proxy:
     @property
     def scorers(self) -> tuple[WeakScorer, ...]:
         """The roles a value reads now: aligned, reference (then the ensemble's pairs when it is on)."""
-        pairs = self.pairs if self.use_ensemble else self.pairs[:1]
+        return self.scorers_for(self.use_ensemble)
+
+    def scorers_for(self, ensemble: bool) -> tuple[WeakScorer, ...]:
+        """The roles a value reads with the ensemble on or off."""
+        pairs = self.pairs if ensemble else self.pairs[:1]
         return tuple(scorer for pair in pairs for scorer in pair)
 
     @property

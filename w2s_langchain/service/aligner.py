@@ -197,8 +197,7 @@ def context_needs(models: SearchModels, prompt: Prompt, settings: SearchSettings
     if models.proxy is None:
         return list(needs.values())
     # The roles this search's values read: the main pair, and the ensemble's pairs when it is on.
-    scorers = models.proxy.all_scorers if settings.ensemble else models.proxy.all_scorers[:2]
-    for i, scorer in enumerate(scorers):
+    for i, scorer in enumerate(models.proxy.scorers_for(settings.ensemble)):
         role = ("weak", "weak_ref")[i % 2] + (f" of ensemble pair {i // 2}" if i >= 2 else "")
         context = scorer.context
         same_tokenizer = getattr(context.model, "path", None) == getattr(strong.model, "path", "")
