@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--commit-every", type=int, default=4, help="the streaming mode's commit_every")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per model")
     args = parser.parse_args()
+    args.commit = _commit()  # the code measured: the checkout as the run starts
     messages = rag_messages()
     fields = dict(preset="chat", n_threads=args.threads)
     whole = ChatW2SAligned(**fields)
@@ -93,7 +94,7 @@ def report(args: argparse.Namespace, whole: ChatW2SAligned, runs: dict[str, list
         f"- command: `python benchmarks/latency.py --pairs {args.pairs} --commit-every {args.commit_every} "
         f"--threads {args.threads}`",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}; commit {_commit()}; load average at the end: "
+        f"Python {platform.python_version()}; commit {args.commit}; load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other work shared the machine: times are slower than "
         "on a quiet one, the ratios are from alternated runs)",
         f"- preset `chat` (SmolLM2-135M-Instruct in all three roles, {whole._config.search.iterations} iterations, "

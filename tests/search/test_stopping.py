@@ -95,16 +95,17 @@ def test_keyboard_interrupt_inside_an_expansion_frees_every_branch(tiny_models, 
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_a_context_that_fills_up_mid_search(tiny_models, partial):
-    """The weak contexts hold 256 cells; a 200-token answer needs more."""
+    """The weak contexts hold 256 cells; a 400-token answer needs more (chunks
+    of 40 tokens reach that depth within a few iterations)."""
 
-    def ctx(path):
-        return Context(load_model(path), n_ctx=256, n_threads=1, n_seq_max=8)
+    def ctx(path, n_ctx=256):
+        return Context(load_model(path), n_ctx=n_ctx, n_threads=1, n_seq_max=8)
 
     models = SearchModels(
-        ctx(tiny_models.tiny_c), PromptFormat(),
+        ctx(tiny_models.tiny_c, 512), PromptFormat(),
         Proxy(WeakScorer(ctx(tiny_models.tiny_a), PromptFormat()), WeakScorer(ctx(tiny_models.tiny_b), PromptFormat())),
     )
-    settings = SearchSettings(**{**LONG, "max_new_tokens": 200, "chunk_tokens": 3}, partial_answer=partial)
+    settings = SearchSettings(**{**LONG, "max_new_tokens": 400, "chunk_tokens": 40}, partial_answer=partial)
     if partial:
         result = search(models, PROMPT, settings)
         assert result.stopped == "context_full" and result.source == "partial" and result.text

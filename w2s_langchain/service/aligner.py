@@ -74,7 +74,10 @@ class Runtime:
 
     n_ctx: int | None = None
     """KV cells per model context, for all its branches together (llama.cpp rounds
-    it up to a multiple of 256); default: the model's training context, at most 4096."""
+    it up to a multiple of 256). Default (None): the model's training context, at
+    most 4096, and more (up to the training context) for a search whose prompts and
+    tree need more. Set, a search that needs more is warned before it starts, and
+    one that cannot hold its prompts is refused."""
     n_batch: int | None = None
     """Most tokens one llama_decode call reads; default: min(512, n_ctx)."""
     n_threads: int | None = None
