@@ -316,14 +316,15 @@ def test_a_server_restarted_with_another_model_is_noticed(tiny_models, llama_ser
     expected = component(tiny_models, str(tiny_models.tiny_a), iterations=10, max_new_tokens=12).invoke(PROMPT)
     assert llm.invoke(PROMPT) == expected
     assert llm.get_num_tokens("hello there") == component(tiny_models, str(tiny_models.tiny_a)).get_num_tokens("hello there")
-    second.stop()
     # The refusal's own advice: restart with a larger -c. The next call believes the new size.
-    small = llama_server(tiny_models.tiny_a, parallel=2, ctx=64, port=first.port)
-    with pytest.raises(ContextOverflowError, match="64 tokens"):
-        llm.invoke(PROMPT, max_new_tokens=80)
-    small.stop()
-    llama_server(tiny_models.tiny_a, parallel=2, ctx=256, port=first.port)
-    assert llm.invoke(PROMPT, max_new_tokens=80)
+    slot = ServerModel(second.url).n_ctx  # llama.cpp rounds small sizes up
+    roomy = component(tiny_models, second.url, iterations=3, max_new_tokens=slot + 10, n_ctx=512)
+    with pytest.raises(ContextOverflowError, match=f"llama-server .* \\({slot} tokens\\)"):
+        roomy.invoke(PROMPT)
+    second.stop()
+    llama_server(tiny_models.tiny_a, parallel=2, ctx=2 * slot, port=first.port)
+    with pytest.raises(ContextOverflowError, match=r"tiny_[ab]\.gguf"):  # the server's slot now fits: a weak one does not
+        roomy.invoke(PROMPT)
 
 
 def test_a_stalled_server_cannot_outlast_the_timeout_of_a_first_call(tiny_models, llama_server):
@@ -371,8 +372,8 @@ def test_one_searchs_timeout_does_not_fail_the_others_on_the_server(tiny_models,
 def test_a_branch_may_fill_a_slot_exactly_as_in_process(tiny_models, llama_server):
     server = llama_server(tiny_models.tiny_c, ctx=64)
     context = ServerContext(ServerModel(server.url))
-    branch = context.new_branch([5] * 63)
-    context.append(branch, [6])  # 64 tokens: accepted, as Context accepts n_ctx
+    branch = context.new_branch([5] * (context.n_ctx - 1))
+    context.append(branch, [6])  # n_ctx tokens: accepted, as Context accepts them
     with pytest.raises(ContextOverflowError):
         context.append(branch, [7])
 
@@ -404,4 +405,4 @@ def test_idle_lanes_are_freed(tiny_models, llama_server, monkeypatch):
     assert llm._aligner._lanes == 4
     monkeypatch.setattr(aligner_module, "IDLE_LANE_SECONDS", 0.0)
     llm.invoke(PROMPT, iterations=2)
-    assert llm._aligner._lanes == 1  # the first lane stays
+    assert llm._aligner._lanes == 2  # the first lane stays, and the one just given back
