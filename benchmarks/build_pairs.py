@@ -32,7 +32,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from quality import CONCISE, PLAIN, SENTIMENT, Task, gold_score, split_of, spread, task_prompts

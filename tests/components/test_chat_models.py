@@ -10,7 +10,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from w2s_langchain.chat_models import to_conversation
+from w2s_langchain.chat_models import ChatW2SAligned, to_conversation
 
 CONVERSATION = [
     SystemMessage("Answer briefly."),

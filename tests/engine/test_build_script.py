@@ -4,7 +4,6 @@ that has the package, wherever it is started from."""
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import shutil
 import subprocess
 import sys

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
+import os
 import threading
-import zipfile
 from pathlib import Path
 
 import pytest

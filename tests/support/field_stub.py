@@ -31,7 +31,7 @@ edit: tests/components/test_field_stub.py fails when it is out of date.
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 def setting_fields(declaration: type) -> dict[str, Any]: ...
 def search_overrides(kwargs: Mapping[str, Any]) -> dict[str, Any]: ...

@@ -7,7 +7,7 @@ edit: tests/components/test_field_stub.py fails when it is out of date.
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 def setting_fields(declaration: type) -> dict[str, Any]: ...
 def search_overrides(kwargs: Mapping[str, Any]) -> dict[str, Any]: ...
@@ -130,7 +130,10 @@ class AlignedModelSettings(BaseModel):
     instead of raising. Needs something to return: w2s and cbs only."""
     n_ctx: int | None = ...
     """KV cells per model context, for all its branches together (llama.cpp rounds
-    it up to a multiple of 256); default: the model's training context, at most 4096."""
+    it up to a multiple of 256). Default (None): the model's training context, at
+    most 4096, and more (up to the training context) for a search whose prompts and
+    tree need more. Set, a search that needs more is warned before it starts, and
+    one that cannot hold its prompts is refused."""
     n_batch: int | None = ...
     """Most tokens one llama_decode call reads; default: min(512, n_ctx)."""
     n_threads: int | None = ...

@@ -323,7 +323,7 @@ class Context:
             results += self._run_halving(jobs[start : start + limit])
         return results
 
-    def _run_halving(self, jobs: list[_Job]) -> list:
+    def _run_halving(self, jobs: list[Job]) -> list:
         """Run jobs together, in halves (and so on) when the KV cache cannot hold
         them all: recursion as deep as log2(n_seq_max)."""
         try:
