@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "w2s_langchain"
 # Lowest first. A unit is a folder or a top-level module of the package.
 LAYERS = [
     {"errors", "declared_settings"},
-    {"models"},
+    {"models", "deadline"},
     {"engine"},
     {"prompts"},
     {"search"},

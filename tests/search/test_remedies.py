@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from support.search_models import PROMPT, SMALL, TOL, make_models, stage2_finalists
+from support.search_models import PROMPT, SMALL, TOL, grown, make_models, stage2_finalists
 from w2s_langchain.engine import Context, load_model
 from w2s_langchain.prompts import PromptFormat
 from w2s_langchain.search import Proxy, SearchModels, SearchSettings, WeakScorer, search
@@ -29,13 +29,13 @@ def test_strong_log_prob_is_the_answers_sampling_log_prob(tiny_models):
 
 
 def test_bon_with_a_kl_weight_trades_value_for_likelihood(tiny_models):
-    settings = SearchSettings(**SMALL, strategy="bon", samples=6)
+    settings = SearchSettings(**{**SMALL, "seed": 3}, strategy="bon", samples=6)
     plain = search(make_models(tiny_models), PROMPT, settings)
     samples = plain.tree.children
     assert plain.value == max(n.value for n in samples)
     heavy = search(make_models(tiny_models), PROMPT, settings.with_(kl_weight=1000.0))
     assert heavy.strong_log_prob == pytest.approx(max(answer_log_prob(n) for n in samples))
-    # The two choices differ on this seed, so the weight decided something.
+    # The two choices differ on this seed (not on every one), so the weight decided something.
     assert heavy.text != plain.text and heavy.value < plain.value
 
 
@@ -133,10 +133,10 @@ def test_a_search_with_the_ensemble_reads_every_pair_and_frees_it(tiny_models):
     off = search(models, PROMPT, SearchSettings(**SMALL))
     on = search(models, PROMPT, SearchSettings(**SMALL, ensemble=True))
     assert on.cost.weak_tokens_scored > 2 * off.cost.weak_tokens_scored
-    assert on.tree_dict() != off.tree_dict()
+    assert grown(on) != grown(off)
     assert all(c.n_resident == 0 for c in proxy.contexts)
     # Off again: the same tree as before the ensemble ran.
-    assert search(models, PROMPT, SearchSettings(**SMALL)).tree_dict() == off.tree_dict()
+    assert grown(search(models, PROMPT, SearchSettings(**SMALL))) == grown(off)
 
 
 def test_the_ensemble_needs_more_than_one_pair(tiny_models):

@@ -27,7 +27,7 @@ MAX_BRANCHES_PER_STEP = 4096
 _MOST = {
     "iterations": 1_000_000, "children": MAX_BRANCHES_PER_STEP, "chunk_tokens": 1 << 20, "parallel_leaves": MAX_BRANCHES_PER_STEP,
     "num_select": MAX_BRANCHES_PER_STEP, "samples": MAX_BRANCHES_PER_STEP, "beam_width": MAX_BRANCHES_PER_STEP,
-    "max_new_tokens": 1 << 20, "token_budget": 1 << 40,
+    "max_new_tokens": 1 << 20, "token_budget": 1 << 40, "commit_every": 1_000_000,
 }
 # The most each whole-number setting can be (max_new_tokens: no context holds more).
 SelectionName = Literal["ea-puct", "puct", "uct"]
