@@ -148,7 +148,9 @@ def test_an_unreachable_server_is_a_clear_error_naming_it(tiny_models):
 
 def test_a_server_killed_mid_search_fails_it_cleanly_and_the_component_works_again(tiny_models, llama_server):
     server = llama_server(tiny_models.tiny_c, parallel=2, ctx=1024)
-    llm = component(tiny_models, server.url, iterations=400, max_new_tokens=60)
+    # A tree the weak contexts hold whole: with evictions, what the killed search
+    # left cached would change the batches, and so the F32 rounding, of the next one.
+    llm = component(tiny_models, server.url, iterations=100, max_new_tokens=60)
     expected = llm.invoke(PROMPT)
     killer = threading.Timer(0.3, server.process.kill)
     killer.start()
@@ -291,7 +293,8 @@ def test_chat_model_and_llamaindex_stream_over_a_served_model(tiny_models, llama
     assert "".join(c.content for c in served_chat.stream(question)) == local_chat.invoke(question).content
     assert served_chat.get_num_tokens_from_messages(question) == local_chat.get_num_tokens_from_messages(question)
     index_llm = W2SAlignedLlamaIndexLLM(strong=server.url, **fields)
-    assert index_llm.metadata.context_window == 256  # the server's slot, not the weak models' n_ctx
+    # What a search can use of the server's slot (256), not the weak models' n_ctx.
+    assert index_llm.metadata.context_window == index_llm.context_window() <= 256
     streamed = list(index_llm.stream_chat([ChatMessage(role="user", content="Once upon a time")]))
     assert streamed[-1].message.content == local_chat.invoke(question).content
 
@@ -319,7 +322,7 @@ def test_a_server_restarted_with_another_model_is_noticed(tiny_models, llama_ser
     # The refusal's own advice: restart with a larger -c. The next call believes the new size.
     slot = ServerModel(second.url).n_ctx  # llama.cpp rounds small sizes up
     roomy = component(tiny_models, second.url, iterations=3, max_new_tokens=slot + 10, n_ctx=512)
-    with pytest.raises(ContextOverflowError, match=f"llama-server .* \\({slot} tokens\\)"):
+    with pytest.raises(ContextOverflowError, match=f"llama-server .* at most {slot} \\(a slot of the llama-server\\)"):
         roomy.invoke(PROMPT)
     second.stop()
     llama_server(tiny_models.tiny_a, parallel=2, ctx=2 * slot, port=first.port)
@@ -380,7 +383,7 @@ def test_a_branch_may_fill_a_slot_exactly_as_in_process(tiny_models, llama_serve
 
 def test_served_answers_never_hold_the_marker_tokens_in_process_never_samples(tiny_models, llama_server, tmp_path):
     # llama-server offers user-defined markers ("<tr>") as text; the engine masks them.
-    from tiny_gguf import MARKERS, write_tiny_model
+    from support.tiny_gguf import MARKERS, write_tiny_model
 
     marked = write_tiny_model(tmp_path / "marked.gguf", vocab="ab+markers", seed=1)
     server = llama_server(marked, parallel=4, ctx=512)
@@ -393,7 +396,7 @@ def test_served_answers_never_hold_the_marker_tokens_in_process_never_samples(ti
 
 def test_idle_lanes_are_freed(tiny_models, llama_server, monkeypatch):
     # Weak-context lanes were kept forever: 24 calls, RSS from 277 MB to 1.78 GB.
-    from w2s_langchain import aligner as aligner_module
+    from w2s_langchain.service import aligner as aligner_module
 
     server = llama_server(tiny_models.tiny_c, parallel=4, ctx=256)
     llm = component(tiny_models, server.url, iterations=40, max_new_tokens=20)

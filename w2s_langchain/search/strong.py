@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -132,10 +132,24 @@ class StrongModel:
     def distribution(self, row: np.ndarray, answer: bytes) -> Distribution:
         """What the next token of `answer` is drawn from, given the logits `row`:
         never a marker token, and never one that would make the answer's bytes
-        invalid UTF-8 (inside a character, only tokens that continue it)."""
-        candidates = np.flatnonzero(np.isfinite(row))
-        blocked = self.model.utf8_guard.blocked(answer, candidates, self.model.token_bytes)
-        return warp(row, self.sampling, np.concatenate([self.model.never_sampled, blocked]))
+        invalid UTF-8 (inside a character, only tokens that continue it).
+        The warp (temperature, top-k, top-p) comes first and the tokens that break
+        UTF-8 leave what it kept, so a served model, whose server offers only its
+        top tokens, draws from the same tokens as the model in process. When none
+        of those can continue the answer, top-p is let go, then top-k: the choice
+        is made among the most likely tokens that can."""
+        never = self.model.never_sampled
+        guard, token_bytes = self.model.utf8_guard, self.model.token_bytes
+        for sampling in (self.sampling, replace(self.sampling, top_p=1.0)):
+            warped = warp(row, sampling, never)
+            allowed = ~np.isin(warped.tokens, guard.blocked(answer, warped.tokens, token_bytes))
+            if allowed.all():
+                return warped
+            if allowed.any():
+                probs = warped.probs[allowed]
+                return Distribution(warped.tokens[allowed], probs / probs.sum())
+        blocked = guard.blocked(answer, np.flatnonzero(np.isfinite(row)), token_bytes)
+        return warp(row, self.sampling, np.concatenate([never, blocked]))
 
     def release(self, chunk: Chunk) -> None:
         if chunk.branch is not None:
