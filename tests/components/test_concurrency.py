@@ -34,7 +34,7 @@ CALLS = [
     Call("stream", (PROMPT,), {"temperature": 1.3, "seed": 1, "max_new_tokens": 64}),
     Call("batch", ("The cat sat", "The dog ran"), {"strategy": "cbs", "beam_width": 2}),
     Call("invoke", ("The dog ran",), {"children": 2, "chunk_tokens": 2, "stop": ["e"]}),
-    Call("stream", ("Hello there",), {"strategy": "base", "seed": 5, "stop": ["\n"], "max_new_tokens": 64}),
+    Call("stream", ("Hello there",), {"strategy": "base", "seed": 1, "stop": ["!?"], "max_new_tokens": 64}),
 ]
 
 
