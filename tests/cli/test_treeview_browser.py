@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(browser.missing_reason() is not None, reason=str
 SCREEN = {"width": 1366, "height": 768}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
+    # Module-scoped: Playwright's sync API keeps an asyncio loop running in this
+    # thread until it stops, and later tests' asyncio.run() would refuse to start.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
