@@ -72,7 +72,8 @@ def test_command_line_json_and_tree(packaged_models, tmp_path, capsys):
     data = json.loads(out)
     assert data["strategy"] == "w2s" and data["text"] and data["cost"]["iterations"] == 5
     html = tree.read_text(encoding="utf-8")
-    assert html.count("<circle") + html.count("<rect") >= data["cost"]["tree_nodes"]
+    embedded = json.loads(html.split('<script type="application/json" id="tree-data">')[1].split("</script>")[0])
+    assert embedded["answer"] == data["text"] and len(embedded["visits"]) == data["cost"]["tree_nodes"]
 
 
 def test_command_line_prints_answer_and_cost_summary(packaged_models, capsys):
@@ -92,7 +93,7 @@ def test_command_line_prints_answer_and_cost_summary(packaged_models, capsys):
         (["x", "--temperature", "-1"], "temperature"),
         (["x", "--top-p", "0"], "top_p"),
         (["x", "--strong", "no-such-model"], "unknown model"),
-        (["x", "--max-new-tokens", "5000", "--n-ctx", "1024"], "do not fit"),
+        (["x", "--max-new-tokens", "5000", "--n-ctx", "1024"], "needs at least"),
     ],
 )
 def test_command_line_bad_input(argv, message, capsys):
@@ -100,7 +101,7 @@ def test_command_line_bad_input(argv, message, capsys):
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    if message not in ("do not fit", "unknown model"):  # these need the model file to decide
+    if message not in ("needs at least", "unknown model"):  # these need the model file to decide
         assert len(engine_model._loaded) == loaded_before
 
 
