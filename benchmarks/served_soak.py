@@ -18,7 +18,8 @@ Checks (the exit status is 1 if any fails):
   - after the last call every lane is given back, none holds a weak branch, and
     there are at most as many lanes as the server has slots;
   - RSS and threads at the end are where they were after warm-up (RSS within
-    RSS_BOUND_MB, threads equal).
+    RSS_BOUND_MB; threads equal, leaving out the request threads, which a
+    connection keeps up to its bound).
 The report is printed and written as the "Served soak" section of
 benchmarks/results/soak.md (the rest of that file is left as it is).
 """
@@ -57,6 +58,18 @@ RSS_BOUND_MB = 48
 # server's vocabulary facts); a leak of one 8 KB row per request would pass the bound
 # within a few thousand calls.
 PLAIN = {"format": "plain"}
+
+
+def server_request_threads() -> list[threading.Thread]:
+    """The threads that send requests to llama-server: a connection's pool starts them
+    as concurrent requests need them, up to its bound, and keeps them while it lives
+    (a connection replaced after a restart lets its own end)."""
+    return [t for t in threading.enumerate() if t.name.startswith("w2s-server_")]
+
+
+def other_threads() -> int:
+    """The process's threads (llama.cpp's included) other than request threads."""
+    return lasting_threads() - len(server_request_threads())
 
 
 def make_llm(strong: str, models, threads: int, **more) -> W2SAlignedLLM:
@@ -140,11 +153,11 @@ def main() -> None:
                     text = llm.invoke(prompt, timeout=rng.uniform(0.1, 1.0))
                 else:
                     text = asyncio.run(asyncio.wait_for(llm.ainvoke(prompt), timeout=rng.uniform(0.05, 1.0)))
+            except W2SError as err:  # first: SearchTimeoutError is also a TimeoutError
+                tally.add(type(err).__name__)
+                return
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 tally.add("cancelled")
-                return
-            except W2SError as err:
-                tally.add(type(err).__name__)
                 return
             except Exception as err:  # noqa: BLE001 (a foreign error is what this soak looks for)
                 with tally.lock:
@@ -175,7 +188,7 @@ def main() -> None:
         for t in warm_threads:
             t.join()
         gc.collect()
-        warm_rss, warm_threads_n = proc_status("VmRSS") / 1024, lasting_threads()
+        warm_rss, warm_threads_n = proc_status("VmRSS") / 1024, other_threads()
         say("| minutes | answered | timeouts | cancelled | server away | wrong | foreign | lanes | RSS (MB) | threads |")
         say("|---|---|---|---|---|---|---|---|---|---|")
         started = time.monotonic()
@@ -212,7 +225,8 @@ def main() -> None:
         lanes, free = aligner._lanes, len(aligner._free)
         weak_held = sum(c.n_resident for _, lane in aligner._free for c in lane.proxy.contexts)
         gc.collect()
-        end_rss, end_threads = proc_status("VmRSS") / 1024, lasting_threads()
+        end_rss, end_threads = proc_status("VmRSS") / 1024, other_threads()
+        request_threads, request_bound = len(server_request_threads()), aligner._models.strong.model.max_requests
         server.stop()
 
     o = tally.outcomes
@@ -225,7 +239,8 @@ def main() -> None:
     check(weak_held == 0, f"no weak branch held after the last call ({weak_held})")
     growth = end_rss - warm_rss
     check(growth < RSS_BOUND_MB, f"RSS growth after warm-up {growth:+.1f} MB < {RSS_BOUND_MB} MB ({warm_rss:.1f} -> {end_rss:.1f})")
-    check(end_threads == warm_threads_n, f"threads after the last call = after warm-up ({end_threads} vs {warm_threads_n})")
+    check(end_threads == warm_threads_n, f"threads other than request threads after the last call = after warm-up ({end_threads} vs {warm_threads_n})")
+    check(request_threads <= request_bound, f"request threads at most the live connection's pool ({request_threads} <= {request_bound})")
     say(f"\n**{'FAIL: ' + '; '.join(failures) if failures else 'PASS: every check'}**")
 
     previous = args.out.read_text(encoding="utf-8") if args.out.exists() else ""

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 
 from support.search_models import PROMPT, make_models
 from w2s_langchain.service.aligner import _server_n_probs
@@ -332,6 +333,30 @@ def test_a_server_restarted_with_another_model_is_noticed(tiny_models, llama_ser
     llama_server(tiny_models.tiny_a, parallel=2, ctx=2 * slot, port=first.port)
     with pytest.raises(ContextOverflowError, match=r"tiny_[ab]\.gguf"):  # the server's slot now fits: a weak one does not
         roomy.invoke(PROMPT)
+
+
+def test_a_server_restarted_mid_search_with_a_model_of_the_same_vocabulary_stops_the_search(tiny_models, llama_server):
+    # tiny_a and tiny_b share a vocabulary: every id stays valid, so before the replies'
+    # model names were checked the search went on, half one model's answer, half the other's.
+    first = llama_server(tiny_models.tiny_a, parallel=2, ctx=256)
+    llm = component(tiny_models, first.url, iterations=40, max_new_tokens=20, n_ctx=256)
+    llm.invoke(PROMPT, iterations=2)  # the first contact: the server serves tiny_a
+    swapped: list[str] = []
+
+    class SwapServerMidSearch(BaseCallbackHandler):
+        def on_custom_event(self, name, data, **kwargs):
+            if name == "w2s_progress" and data["done"] == 10 and not swapped:
+                # The search thread waits here, with no request in flight, while the server restarts.
+                first.stop()
+                swapped.append(llama_server(tiny_models.tiny_b, parallel=2, ctx=256, port=first.port).url)
+
+    with pytest.raises(ServerUnavailableError, match=r"now serves .*tiny_b\.gguf.*not .*tiny_a\.gguf"):
+        llm.invoke(PROMPT, config={"callbacks": [SwapServerMidSearch()]})
+    assert swapped == [first.url]
+    aligner = llm._aligner
+    assert len(aligner._free) == aligner._lanes and all(c.n_resident == 0 for c in aligner._models.proxy.contexts)
+    expected = component(tiny_models, str(tiny_models.tiny_b), iterations=40, max_new_tokens=20).invoke(PROMPT)
+    assert llm.invoke(PROMPT) == expected  # the next call uses the new model
 
 
 def test_a_stalled_server_cannot_outlast_the_timeout_of_a_first_call(tiny_models, llama_server):

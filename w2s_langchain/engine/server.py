@@ -495,6 +495,8 @@ class ServerModel:
         self._bytes: dict[int, bytes] = {}
         self._texts: dict[int, str] = {}
         self._learn_lock = threading.Lock()
+        self.max_requests = max_requests
+        """Requests in flight at once (each has a thread while it runs)."""
         self._pool = ThreadPoolExecutor(max_workers=max_requests, thread_name_prefix="w2s-server")
 
     @property
@@ -512,6 +514,17 @@ class ServerModel:
         """Whether the server still serves what this object describes (same model,
         vocabulary, slot size and slots); raises if it cannot be asked."""
         return _ask_identity(self._http) == self.identity
+
+    def check_still_serving(self, reply: dict) -> None:
+        """Each /completion reply names the model that wrote it: a server restarted
+        with another model mid-search (even one of the same vocabulary) stops the
+        search here rather than mixing two models' tokens in one answer."""
+        served = reply.get("model")
+        if isinstance(served, str) and served != self.identity.model:
+            raise ServerUnavailableError(
+                f"{self.name} now serves {_short(served)}, not {_short(self.identity.model)} as when this search "
+                "began (restarted with another model): the search stopped; the next call uses what it serves now"
+            )
 
     def _special_id(self, text: str) -> int:
         if not text:
@@ -811,6 +824,7 @@ class ServerContext:
         replies = self.model.run_all(bodies, self.interrupt)
         rows = np.full((len(branches), self.model.n_vocab), -np.inf)
         for row, body, reply in zip(rows, bodies, replies):
+            self.model.check_still_serving(reply)
             try:
                 ids, log_probs = self.model.learn(_Reply.at(reply, "completion_probabilities", 0, "top_logprobs"), n_probs)
                 read = self._prompt_tokens_read(reply, len(body["prompt"]))
