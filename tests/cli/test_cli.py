@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,55 @@ def test_ctrl_c_while_models_load_stops_the_run(tiny_preset, how):
     assert child.stdout == ""  # no answer
     assert ("interrupted" if how == "cli" else "KeyboardInterrupt") in child.stderr
     assert "Exception ignored" not in child.stderr and "Traceback" not in child.stderr
+
+
+# --- Ctrl-C during the first imports -----------------------------------------------------
+# The console scripts start in w2s_langchain.cli.launch (standard library only); the
+# command's own module imports numpy, llama.cpp and pydantic. Ctrl-C in those ~0.7 s
+# printed a traceback and, with --json, no JSON.
+
+INTERRUPT_DURING_IMPORTS = """
+import importlib.abc, os, signal, sys
+trigger = sys.argv[1]
+
+class CtrlCWhenImported(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == trigger:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCWhenImported())
+from w2s_langchain.cli import launch
+assert trigger not in sys.modules
+sys.argv = sys.argv[2:]
+sys.exit(getattr(launch, sys.argv[0].replace("-", "_"))())
+"""
+
+
+@pytest.mark.parametrize(
+    "imported, command",
+    [
+        ("numpy", ["w2s-align", "Once upon a time", "--json"]),
+        ("llama_cpp", ["w2s-align", "Once upon a time"]),
+        ("w2s_langchain.models.registry", ["w2s-models", "list"]),
+    ],
+)
+def test_ctrl_c_during_the_first_imports_ends_the_command_cleanly(imported, command):
+    child = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_DURING_IMPORTS, imported, *command], capture_output=True, text=True, timeout=120,
+        preexec_fn=_as_a_terminal_would,
+    )
+    assert child.returncode == 130, child.stdout + child.stderr
+    assert "Traceback" not in child.stderr
+    if "--json" in command:
+        assert json.loads(child.stdout) == {"error": {"type": "KeyboardInterrupt", "message": "interrupted", "exit_code": 130}}
+    else:
+        assert child.stdout == "" and child.stderr.strip() == f"{command[0]}: interrupted"
+
+
+def test_the_console_scripts_start_in_the_launcher():
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"w2s-models": "w2s_langchain.cli.launch:w2s_models", "w2s-align": "w2s_langchain.cli.launch:w2s_align"}
 
 
 # --- the tree file, and errors as JSON ---------------------------------------------------

@@ -46,6 +46,7 @@ from ..service.preference_check import (
     read_pairs,
     shipped_pairs,
 )
+from .launch import EXIT_INTERRUPTED, error_dict, report_failure
 from .progress import ProgressBar
 from ..search import SearchResult, SearchSettings
 from .treeview import tree_to_html
@@ -54,7 +55,8 @@ from .treeview import tree_to_html
 _SETTINGS = {"search": SearchSettings, "runtime": Runtime}
 
 
-EXIT_NO_ANSWER, EXIT_USAGE, EXIT_TREE_NOT_WRITTEN, EXIT_INTERRUPTED = 1, 2, 3, 130
+PROGRAM = "w2s-align"
+EXIT_NO_ANSWER, EXIT_USAGE, EXIT_TREE_NOT_WRITTEN = 1, 2, 3
 
 
 class _UsageError(Exception):
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as err:
         if not as_json:
             parser.print_usage(sys.stderr)
-        return _report(err, EXIT_USAGE, as_json)
+        return report_failure(err, EXIT_USAGE, PROGRAM, as_json)
     try:
         config = config_from_args(args)
         if args.tree:
@@ -155,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             progress.close()
     except KeyboardInterrupt as err:
-        return _report(err, EXIT_INTERRUPTED, as_json)
+        return report_failure(err, EXIT_INTERRUPTED, PROGRAM, as_json)
     except (W2SError, ValueError, OSError) as err:
-        return _report(err, EXIT_NO_ANSWER, as_json)
+        return report_failure(err, EXIT_NO_ANSWER, PROGRAM, as_json)
     except Exception as err:  # a bug, or memory running out: still JSON for a caller that parses it
         if not as_json:
             raise
-        return _report(err, EXIT_NO_ANSWER, as_json)
+        return report_failure(err, EXIT_NO_ANSWER, PROGRAM, as_json)
     tree_error = None
     if args.tree:
         try:
@@ -173,13 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = result.to_dict()
         if tree_error:
-            data["error"] = _error_dict(tree_error, EXIT_TREE_NOT_WRITTEN)
+            data["error"] = error_dict(tree_error, EXIT_TREE_NOT_WRITTEN)
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(args.prompt + result.text)
         print(summary(result), file=sys.stderr)
         if tree_error:
-            _report(tree_error, EXIT_TREE_NOT_WRITTEN, as_json=False)
+            report_failure(tree_error, EXIT_TREE_NOT_WRITTEN, PROGRAM)
     return EXIT_TREE_NOT_WRITTEN if tree_error else 0
 
 
@@ -222,7 +224,7 @@ def check_main(argv: list[str]) -> int:
     except _UsageError as err:
         if not as_json:
             parser.print_usage(sys.stderr)
-        return _report(err, EXIT_USAGE, as_json)
+        return report_failure(err, EXIT_USAGE, PROGRAM, as_json)
     try:
         config = _preset_with_flags(args)
         aligner = Aligner(config)
@@ -242,9 +244,9 @@ def check_main(argv: list[str]) -> int:
             split = split or "heldout"
         report = check_pairs(aligner, read_pairs(pairs_file, split))
     except KeyboardInterrupt as err:
-        return _report(err, EXIT_INTERRUPTED, as_json)
+        return report_failure(err, EXIT_INTERRUPTED, PROGRAM, as_json)
     except (W2SError, ValueError, OSError) as err:
-        return _report(err, EXIT_NO_ANSWER, as_json)
+        return report_failure(err, EXIT_NO_ANSWER, PROGRAM, as_json)
     if args.json:
         print(json.dumps({"pairs_file": str(pairs_file), "split": split, **report.to_dict(args.show)}, indent=2, ensure_ascii=False))
     else:
@@ -312,22 +314,6 @@ def _open_for_writing(path: Path) -> int:
         raise
     os.set_blocking(descriptor, True)
     return descriptor
-
-
-def _error_dict(err: BaseException, code: int) -> dict:
-    message = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
-    return {"type": type(err).__name__, "message": message, "exit_code": code}
-
-
-def _report(err: BaseException, code: int, as_json: bool) -> int:
-    """Say why the command failed (on stdout as JSON with --json, else on stderr); return `code`."""
-    if as_json:
-        print(json.dumps({"error": _error_dict(err, code)}, ensure_ascii=False))
-    elif isinstance(err, KeyboardInterrupt):
-        print("\ninterrupted", file=sys.stderr)
-    else:
-        print(f"w2s-align: error: {err}", file=sys.stderr)
-    return code
 
 
 def summary(result: SearchResult) -> str:

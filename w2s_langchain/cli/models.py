@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from ..errors import W2SError
+from .launch import EXIT_INTERRUPTED, report_failure
 from .progress import ProgressBar
 from ..models.registry import (
     MEGABYTE,
@@ -36,11 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         registry = load_registry(args.registry)
         return args.run(args, registry)
     except (W2SError, OSError, ValueError) as error:
-        print(f"w2s-models: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("w2s-models: interrupted", file=sys.stderr)
-        return 130
+        return report_failure(error, 1, "w2s-models")
+    except KeyboardInterrupt as error:
+        return report_failure(error, EXIT_INTERRUPTED, "w2s-models")
 
 
 def _parser() -> argparse.ArgumentParser:
