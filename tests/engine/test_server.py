@@ -20,7 +20,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from support.search_models import PROMPT, make_models
 from w2s_langchain.service.aligner import _server_n_probs
 from w2s_langchain.engine.server import ServerContext, ServerModel
-from w2s_langchain.errors import ContextOverflowError, ServerError, ServerUnavailableError, SearchTimeoutError
+from w2s_langchain.errors import ContextOverflowError, ModelLoadError, ServerError, ServerUnavailableError, SearchTimeoutError
 from w2s_langchain.llms import W2SAlignedLLM
 from w2s_langchain.engine.local_server import free_port
 from w2s_langchain.search import SearchModels, SearchSettings, search
@@ -421,6 +421,28 @@ def test_served_answers_never_hold_the_marker_tokens_in_process_never_samples(ti
     local = component(tiny_models, str(marked), **settings).invoke(PROMPT)
     assert served == local
     assert not any(marker in served for marker in MARKERS)
+
+
+def test_a_server_elsewhere_gets_its_markers_from_a_local_copy_of_its_model_file(tiny_models, llama_server, tmp_path):
+    # A server on another machine names a file this machine cannot read: its markers
+    # were unknown, and sampled. served_model_file names a copy here.
+    from support.tiny_gguf import MARKERS, write_tiny_model
+
+    (tmp_path / "elsewhere").mkdir()
+    served_file = write_tiny_model(tmp_path / "elsewhere" / "marked.gguf", vocab="ab+markers", seed=1)
+    copy = write_tiny_model(tmp_path / "marked.gguf", vocab="ab+markers", seed=1)
+    server = llama_server(served_file, parallel=4, ctx=512)
+    served_file.unlink()  # the server has it loaded; here, /props now names a file that is not
+    settings = dict(iterations=30, children=3, chunk_tokens=1, max_new_tokens=20, seed=1, top_k=0)
+    local = component(tiny_models, str(copy), **settings).invoke(PROMPT)
+    unknown = component(tiny_models, server.url, **settings).invoke(PROMPT)
+    assert any(marker in unknown for marker in MARKERS)  # the limit without the copy (docs/serving.md)
+    known = component(tiny_models, server.url, served_model_file=str(copy), **settings).invoke(PROMPT)
+    assert known == local and not any(marker in known for marker in MARKERS)
+    with pytest.raises(ModelLoadError, match=r"served_model_file: .*tiny_c\.gguf has a vocabulary of \d+ tokens, not \d+"):
+        component(tiny_models, server.url, served_model_file=str(tiny_models.tiny_c), **settings).invoke(PROMPT)
+    with pytest.raises(ValueError, match="served_model_file is for a strong model that a llama-server serves"):
+        component(tiny_models, str(copy), served_model_file=str(copy))
 
 
 def test_idle_lanes_are_freed(tiny_models, llama_server, monkeypatch):

@@ -150,6 +150,11 @@ class AlignedModelSettings(BaseModel):
     """The --api-key of the llama-server a strong model's http:// address names
     (default: the LLAMA_API_KEY environment variable, sent only to an address given
     directly, not one read from a preset file). Never logged or shown."""
+    served_model_file: str | None = ...
+    """A copy on this machine of the GGUF file that the strong model's llama-server
+    serves on another machine: only its header is read, for the marker tokens an
+    answer must never hold (gemma's `<tr>`), which a server's API cannot list. Not
+    needed for a server on this machine (its /props names the file)."""
 
     @property
     def max_tokens(self) -> int | None: ...

@@ -244,18 +244,20 @@ def marker_token_ids(path: Path, n_vocab: int) -> np.ndarray:
     """Ids of the tokens a GGUF file marks as control or user-defined, except those
     whose text is only whitespace (what `Model.never_sampled` keeps out of answers,
     end-of-generation aside), read from its header without loading the model: for
-    a model served by a llama-server on this machine. Empty when the file cannot be
+    a model a llama-server serves. Raises ModelLoadError when the file cannot be
     read or its vocabulary is not of `n_vocab` tokens (then it is not that model)."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != _GGUF_MAGIC:
-                return np.zeros(0, dtype=np.int64)
+                raise ModelLoadError(f"{path} is not a GGUF file")
             metadata = _GGUFHeaderReader(path, f).metadata()
-    except (OSError, ModelLoadError):
-        return np.zeros(0, dtype=np.int64)
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from None
     types, tokens = metadata.get(_TOKEN_TYPES_KEY), metadata.get(_TOKENS_KEY)
-    if types is None or tokens is None or len(types) != n_vocab or len(tokens) != n_vocab:
-        return np.zeros(0, dtype=np.int64)
+    if types is None or tokens is None:
+        raise ModelLoadError(f"{path} holds no vocabulary (no {_TOKENS_KEY} and {_TOKEN_TYPES_KEY})")
+    if len(types) != n_vocab or len(tokens) != n_vocab:
+        raise ModelLoadError(f"{path} has a vocabulary of {len(tokens):,} tokens, not {n_vocab:,}: it is another model")
     marked = np.flatnonzero((types == _CONTROL_TYPE) | (types == _USER_DEFINED_TYPE))
     # SentencePiece vocabularies write a space as U+2581.
     return np.array([t for t in marked if tokens[t].decode("utf-8", "replace").replace("\u2581", " ").strip()], dtype=np.int64)

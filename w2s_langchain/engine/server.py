@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..deadline import Deadline, current_deadline
-from ..errors import ChatTemplateError, ContextOverflowError, ServerError, ServerUnavailableError
+from ..errors import ChatTemplateError, ContextOverflowError, ModelLoadError, ServerError, ServerUnavailableError
 from .context import Branch, ContextStats
 from .model import marker_token_ids
 from .sampling import Utf8Guard
@@ -466,7 +466,10 @@ class ServerModel:
     `connect_server`). `timeout`: seconds one request may take in all (a call's
     deadline cuts it sooner); `max_requests`: requests in flight at once."""
 
-    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 300.0, max_requests: int = 32):
+    def __init__(
+        self, url: str, *, api_key: str | None = None, model_file: Path | None = None, timeout: float = 300.0,
+        max_requests: int = 32,
+    ):
         self._http = _Http(url, api_key, timeout)
         self.url = self._http.url
         # An address where nothing answers (a host that drops packets) fails in seconds, not `timeout`.
@@ -491,7 +494,7 @@ class ServerModel:
             raise ServerError(f"the llama-server at {self.url} tokenized 'a' as nothing: is it llama-server?")
         self.plain_token = plain[0]
         """A token that is one whole character (see ServerContext.next_logits)."""
-        self._markers = self._marker_ids()
+        self._markers = self._marker_ids(model_file)
         self._bytes: dict[int, bytes] = {}
         self._texts: dict[int, str] = {}
         self._learn_lock = threading.Lock()
@@ -549,17 +552,25 @@ class ServerModel:
             raise self._bad("/completion", err) from None
         return frozenset(set(ids) | ({self.eos} if self.eos >= 0 else set()))
 
-    def _marker_ids(self) -> frozenset[int]:
+    def _marker_ids(self, model_file: Path | None) -> frozenset[int]:
         """The tokens the vocabulary marks as control or user-defined ("<tr>",
         "<start_of_image>"): as in process (`Model.never_sampled`), never sampled.
         llama-server renders user-defined tokens as their text and its API cannot
-        list token kinds, so they are read from the model file when the server
-        runs on this machine (its /props names the file); otherwise only control
-        tokens (offered with no bytes) are known."""
-        path = Path(self.identity.model_path) if self.identity.model_path else None
-        if path is None or not path.is_file():
-            return frozenset()
-        ids = marker_token_ids(path, self.n_vocab)
+        list token kinds, so they are read from a model file: `model_file` (a copy
+        of what a server on another machine serves), else the file the server's
+        /props names when it is on this machine; otherwise only control tokens
+        (offered with no bytes) are known."""
+        if model_file is not None:
+            try:
+                ids = marker_token_ids(Path(model_file), self.n_vocab)
+            except ModelLoadError as err:
+                raise ModelLoadError(f"served_model_file: {err}; give a copy of the file {self.name} serves") from None
+        else:
+            path = Path(self.identity.model_path) if self.identity.model_path else None
+            try:
+                ids = marker_token_ids(path, self.n_vocab) if path is not None and path.is_file() else []
+            except ModelLoadError:  # a file of that name here, but not the served model
+                ids = []
         return frozenset(int(t) for t in ids if t not in self._end_of_generation)
 
     def _ask(self, path: str, body: dict, limit: int, *, deadline: Deadline | None = None, flight: _Flight | None = None) -> dict:
@@ -714,17 +725,18 @@ class _Connection:
 
 # Servers (address, key) a process keeps: more are forgotten, oldest first.
 _MAX_SERVERS = 8
-_servers: OrderedDict[tuple[str, str], _Connection] = OrderedDict()
+_servers: OrderedDict[tuple[str, str, str], _Connection] = OrderedDict()
 _servers_lock = threading.Lock()  # held only to look up the table, never across a request
 
 
-def connect_server(url: str, api_key: str | None = None) -> ServerModel:
-    """The `ServerModel` of a server address and key, shared process-wide (as
-    `load_model` shares a loaded file): what it learns of the vocabulary is kept
-    while the server serves the same model. Each call asks the server what it
-    serves: after a restart with another model, or another slot size, a new
-    `ServerModel` is made (the old one is left to its current users)."""
-    key = (url.rstrip("/"), hashlib.sha256((api_key or "").encode()).hexdigest())
+def connect_server(url: str, api_key: str | None = None, model_file: Path | None = None) -> ServerModel:
+    """The `ServerModel` of a server address and key (and the local copy of its
+    model file, if any), shared process-wide (as `load_model` shares a loaded
+    file): what it learns of the vocabulary is kept while the server serves the
+    same model. Each call asks the server what it serves: after a restart with
+    another model, or another slot size, a new `ServerModel` is made (the old one
+    is left to its current users)."""
+    key = (url.rstrip("/"), hashlib.sha256((api_key or "").encode()).hexdigest(), str(model_file or ""))
     with _servers_lock:
         connection = _servers.get(key)
         if connection is None:
@@ -743,7 +755,7 @@ def connect_server(url: str, api_key: str | None = None) -> ServerModel:
         if connection.model is not None:
             connection.model.close()
             connection.model = None
-        connection.model = ServerModel(url, api_key=api_key)
+        connection.model = ServerModel(url, api_key=api_key, model_file=model_file)
         return connection.model
     finally:
         connection.lock.release()

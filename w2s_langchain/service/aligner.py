@@ -95,6 +95,12 @@ class Runtime:
     (default: the LLAMA_API_KEY environment variable, sent only to an address given
     directly, not one read from a preset file). Never logged or shown."""
 
+    served_model_file: str | None = None
+    """A copy on this machine of the GGUF file that the strong model's llama-server
+    serves on another machine: only its header is read, for the marker tokens an
+    answer must never hold (gemma's `<tr>`), which a server's API cannot list. Not
+    needed for a server on this machine (its /props names the file)."""
+
     def __post_init__(self) -> None:
         # Checked when the settings are made, so a bad value fails at construction
         # with its name, not at the first call (or deep inside llama.cpp). Limits
@@ -261,6 +267,11 @@ class AlignerConfig:
             getattr(self, name).check(name)
         if len(self.ensemble_prompts) > _MAX_ENSEMBLE:
             raise ValueError(f"ensemble_prompts holds {len(self.ensemble_prompts)} pairs: at most {_MAX_ENSEMBLE}")
+        if self.runtime.served_model_file and not is_server_url(str(self.strong.model)):
+            raise ValueError(
+                f"served_model_file is for a strong model that a llama-server serves (an http:// address); "
+                f"the strong model here is {self.strong.model!r}, read in process: leave served_model_file out"
+            )
 
     def with_overrides(
         self,
@@ -373,7 +384,8 @@ def load_named_model(
     name or a path (told apart as `registry.resolve_model` says)."""
     runtime = runtime or Runtime()
     if isinstance(name_or_path, str) and is_server_url(name_or_path):
-        return connect_server(name_or_path, runtime.server_api_key(address_given_directly))
+        model_file = Path(runtime.served_model_file) if runtime.served_model_file else None
+        return connect_server(name_or_path, runtime.server_api_key(address_given_directly), model_file)
     return load_model(resolve_model(name_or_path), runtime.load_settings())
 
 
