@@ -71,3 +71,4 @@ def llama_server(llama_server_binary, tmp_path):
     yield start
     for server in started:
         server.stop()
+

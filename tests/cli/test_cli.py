@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from support.tiny_gguf import write_tiny_preset
 from w2s_langchain.cli import align as cli
 
 ENDLESS = ["--iterations", "1000000", "--chunk-tokens", "1", "--max-new-tokens", "100", "--n-threads", "1"]
@@ -20,17 +21,7 @@ ENDLESS = ["--iterations", "1000000", "--chunk-tokens", "1", "--max-new-tokens",
 
 @pytest.fixture
 def tiny_preset(tiny_models, tmp_path):
-    plain = {"format": "plain"}
-    preset = {
-        "strong": {"model": str(tiny_models.tiny_c), "prompt": plain},
-        "weak": {"model": str(tiny_models.tiny_a), "prompt": plain},
-        "weak_ref": {"model": str(tiny_models.tiny_b), "prompt": plain},
-        "search": {"children": 3, "seed": 1},
-        "runtime": {"n_ctx": 512},
-    }
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(preset))
-    return path
+    return write_tiny_preset(tiny_models, tmp_path / "tiny.json")
 
 
 def _as_a_terminal_would() -> None:

@@ -18,6 +18,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
 from support.search_models import PROMPT, make_models
+from support.served import PLAIN, served_component
 from w2s_langchain.service.aligner import _server_n_probs
 from w2s_langchain.engine.server import ServerContext, ServerModel
 from w2s_langchain.errors import ContextOverflowError, ModelLoadError, ServerError, ServerUnavailableError, SearchTimeoutError
@@ -25,7 +26,6 @@ from w2s_langchain.llms import W2SAlignedLLM
 from w2s_langchain.engine.local_server import free_port
 from w2s_langchain.search import SearchModels, SearchSettings, search
 
-PLAIN = {"format": "plain"}
 
 
 def served_models(tiny_models, url: str, settings: SearchSettings) -> SearchModels:
@@ -92,12 +92,28 @@ def test_longer_chunks_give_a_valid_tree_reproducibly(tiny_models, llama_server)
 
 
 def component(tiny_models, url: str, **fields) -> W2SAlignedLLM:
-    settings = dict(
-        strong=url, weak=str(tiny_models.tiny_a), weak_ref=str(tiny_models.tiny_b),
-        strong_prompt=PLAIN, weak_prompt=PLAIN, weak_ref_prompt=PLAIN,
-        iterations=40, children=3, chunk_tokens=1, max_new_tokens=24, n_ctx=512, n_threads=1, seed=3,
-    )
-    return W2SAlignedLLM(**{**settings, **fields})
+    search = dict(iterations=40, children=3, chunk_tokens=1, max_new_tokens=24, n_ctx=512)
+    return served_component(tiny_models, url, **{**search, **fields})
+
+
+def seconds_to_time_out_while_stopped(llm: W2SAlignedLLM, server, stop_after: float | None = None) -> float:
+    """How long `llm.invoke(PROMPT)` takes to raise SearchTimeoutError while the
+    server is stopped (SIGSTOP) from `stop_after` seconds into the call, or from
+    before it; the server is resumed afterwards."""
+    pause = None if stop_after is None else threading.Timer(stop_after, os.kill, args=(server.process.pid, signal.SIGSTOP))
+    if pause is None:
+        os.kill(server.process.pid, signal.SIGSTOP)
+    else:
+        pause.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(SearchTimeoutError):
+            llm.invoke(PROMPT)
+        return time.perf_counter() - started
+    finally:
+        if pause is not None:
+            pause.join()
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def test_a_component_takes_the_server_address_as_its_strong_model(tiny_models, llama_server):
@@ -175,17 +191,7 @@ def test_a_stalled_server_cannot_outlast_the_timeout(tiny_models, llama_server):
     server = llama_server(tiny_models.tiny_c, parallel=2, ctx=1024)
     llm = component(tiny_models, server.url, iterations=400, max_new_tokens=60, timeout=1.5)
     llm.invoke("warm up", iterations=5)  # the first call asks the server what it serves
-    pause = threading.Timer(0.3, os.kill, args=(server.process.pid, signal.SIGSTOP))
-    pause.start()
-    started = time.perf_counter()
-    try:
-        with pytest.raises(SearchTimeoutError):
-            llm.invoke(PROMPT)
-        took = time.perf_counter() - started
-    finally:
-        pause.join()
-        os.kill(server.process.pid, signal.SIGCONT)
-    assert took < 1.5 + 0.5
+    assert seconds_to_time_out_while_stopped(llm, server, stop_after=0.3) < 1.5 + 0.5
     assert llm.invoke(PROMPT, iterations=20)  # works again once the server does
 
 
@@ -363,15 +369,7 @@ def test_a_stalled_server_cannot_outlast_the_timeout_of_a_first_call(tiny_models
     # The handshake ignored the timeout: a SIGSTOPped server held the call until resumed.
     server = llama_server(tiny_models.tiny_c, parallel=2, ctx=256)
     llm = component(tiny_models, server.url, timeout=2)
-    os.kill(server.process.pid, signal.SIGSTOP)
-    started = time.perf_counter()
-    try:
-        with pytest.raises(SearchTimeoutError):
-            llm.invoke(PROMPT)
-        took = time.perf_counter() - started
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
-    assert took < 2 + 1.0
+    assert seconds_to_time_out_while_stopped(llm, server) < 2 + 1.0
     assert llm.invoke(PROMPT, iterations=5)
 
 

@@ -12,22 +12,18 @@ import time
 import pytest
 
 from support.fake_llama_server import N_VOCAB, FakeLlamaServer, offered
+from support.served import PLAIN, served_component
 from w2s_langchain.service.aligner import _server_n_probs
 from w2s_langchain.engine.server import ServerContext, ServerModel, connect_server
 from w2s_langchain.errors import ChatTemplateError, SearchTimeoutError, ServerError, ServerUnavailableError
 from w2s_langchain.llms import W2SAlignedLLM
 from w2s_langchain.search import SearchSettings
 
-PLAIN = {"format": "plain"}
 
 
 def component(tiny_models, url: str, **fields) -> W2SAlignedLLM:
-    settings = dict(
-        strong=url, weak=str(tiny_models.tiny_a), weak_ref=str(tiny_models.tiny_b),
-        strong_prompt=PLAIN, weak_prompt=PLAIN, weak_ref_prompt=PLAIN,
-        iterations=4, children=2, chunk_tokens=1, max_new_tokens=4, n_ctx=256, n_threads=1, seed=3,
-    )
-    return W2SAlignedLLM(**{**settings, **fields})
+    search = dict(iterations=4, children=2, chunk_tokens=1, max_new_tokens=4, n_ctx=256)
+    return served_component(tiny_models, url, **{**search, **fields})
 
 
 def stall(seconds: float):

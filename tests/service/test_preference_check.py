@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from support.tiny_gguf import write_tiny_preset
+
 from w2s_langchain.cli import align as cli
 from w2s_langchain.service.aligner import Aligner, load_preset
 from w2s_langchain.engine import Context, load_model
@@ -29,17 +31,7 @@ TOL = 1e-3
 
 @pytest.fixture
 def tiny_preset(tiny_models, tmp_path):
-    plain = {"format": "plain"}
-    preset = {
-        "strong": {"model": str(tiny_models.tiny_c), "prompt": plain},
-        "weak": {"model": str(tiny_models.tiny_a), "prompt": plain},
-        "weak_ref": {"model": str(tiny_models.tiny_b), "prompt": plain},
-        "search": {"children": 3, "seed": 1, "max_new_tokens": 8},
-        "runtime": {"n_ctx": 512, "n_threads": 1},
-    }
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(preset))
-    return path
+    return write_tiny_preset(tiny_models, tmp_path / "tiny.json", max_new_tokens=8)
 
 
 def values_by_hand(tiny_models, answers: list[str]) -> list[float]:

@@ -24,6 +24,8 @@ far beyond the file, cuts, and values llama.cpp aborts the process on.
 
 from __future__ import annotations
 
+import json
+
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -494,3 +496,17 @@ CRAFTED: dict[str, Callable[[Path], Path]] = {
     "a token twice in the vocabulary": _edited(_a_token_twice),
 }
 """Writers of crafted files, by what is wrong with them: ``CRAFTED[name](path)``."""
+
+
+def write_tiny_preset(tiny_models: TinyModels, path: Path, **search) -> Path:
+    """A preset file on the tiny models (plain prompts, 512-token contexts, one thread)."""
+    plain = {"format": "plain"}
+    preset = {
+        "strong": {"model": str(tiny_models.tiny_c), "prompt": plain},
+        "weak": {"model": str(tiny_models.tiny_a), "prompt": plain},
+        "weak_ref": {"model": str(tiny_models.tiny_b), "prompt": plain},
+        "search": {"children": 3, "seed": 1, **search},
+        "runtime": {"n_ctx": 512, "n_threads": 1},
+    }
+    path.write_text(json.dumps(preset))
+    return path
