@@ -14,11 +14,14 @@ scores differ by at least --min-gap. No weak model decides any label.
   chat       prompts: the questions of the concise task (data/questions.jsonl);
              48-token replies; gold: VADER compound, for the preset's "warm,
              friendly and encouraging" over "cold, curt and discouraging".
-  polite     prompts: the plain task's news openings (Lee corpus, as gensim ships
-             it); 32-token continuations; gold: VADER compound, for "polite,
-             patient, kind" over "rude, dismissive". VADER scores the valence of
-             the words, which a kind voice raises and a rude one lowers: a proxy
-             for politeness, not a politeness classifier.
+  polite     prompts: openings of messages to a person (data/messages.jsonl:
+             customers, colleagues, neighbours, tenants, parents; half start a
+             complaint or a reproach); 32-token continuations; gold: VADER
+             compound, for "polite, patient, kind" over "rude, dismissive".
+             VADER scores the valence of the words, which a kind voice raises and
+             a rude one lowers: a proxy for politeness, not a politeness
+             classifier. (Built first on the plain task's news openings, where a
+             voice has little room: 40% agreement on 30 held-out pairs.)
 
 Each pair carries its prompt's split (quality.py's: every 4th prompt "tune", the
 rest "heldout"). Afterwards each preset's weak pair is checked on both splits
@@ -34,11 +37,15 @@ import sys
 import time
 
 import numpy as np
-from quality import CONCISE, PLAIN, SENTIMENT, Task, gold_score, split_of, spread, task_prompts
+from quality import CONCISE, SENTIMENT, Task, gold_score, split_of, spread, task_prompts
 
 from w2s_langchain.service.aligner import Aligner, load_named_model, load_preset
 from w2s_langchain.search import StrongModel
 from w2s_langchain.service.preference_check import PAIRS_DIR, check_pairs, read_pairs
+
+
+# Messages for the polite preset's pairs (not a benchmark task: no search runs on them).
+MESSAGES = Task("messages", "polite", "messages.jsonl", 32, "VADER compound", True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +59,7 @@ class PairSource:
 SOURCES = {
     "sentiment": PairSource("sentiment", SENTIMENT, 16, SENTIMENT),
     "chat": PairSource("chat", CONCISE, 48, SENTIMENT),
-    "polite": PairSource("polite", PLAIN, 32, SENTIMENT),
+    "polite": PairSource("polite", MESSAGES, 32, SENTIMENT),
 }
 
 

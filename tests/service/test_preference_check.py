@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 
@@ -70,6 +71,17 @@ def test_agreement_margin_and_most_wrong(tiny_preset, labelled):
 def test_a_pair_is_scored_as_a_search_scores_its_answer(tiny_preset, tiny_models):
     aligner = Aligner(load_preset(str(tiny_preset)))
     assert aligner.values(PROMPT, ANSWERS) == pytest.approx(values_by_hand(tiny_models, ANSWERS), abs=TOL)
+
+
+def test_scoring_pairs_makes_room_for_the_pairs_not_for_the_presets_search(tiny_models, tmp_path, labelled):
+    # The check holds a prompt and a few answers at once; it warned that "this search's
+    # tree" would be evicted (a search of 1000 iterations) though it runs no search.
+    preset = write_tiny_preset(tiny_models, tmp_path / "big_search.json", iterations=1000, chunk_tokens=4)
+    pairs, margins = labelled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = check_pairs(Aligner(load_preset(str(preset))), pairs)
+    assert [p.margin for p in report.pairs] == pytest.approx(margins, abs=TOL)
 
 
 def test_wilson_interval_known_values():

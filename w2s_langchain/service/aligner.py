@@ -474,7 +474,14 @@ class Aligner:
         proxy.beta, proxy.use_ensemble, proxy.length_normalized = settings.beta, settings.ensemble, settings.length_normalized
         values: list[float] = []
         try:
-            self._make_room(models, prompt, settings)
+            # Room for what this holds at once: the prompt and a batch of answers
+            # (as long as the longest), not the tree of the settings' search.
+            longest = max((len(models.strong.model.tokenize(a)) for a in answers), default=0)
+            batch = settings.with_(
+                strategy="bon", samples=max(1, min(len(answers), _VALUES_BATCH)), max_new_tokens=max(1, longest),
+                token_budget=None,
+            )
+            self._make_room(models, prompt, batch)
             root = proxy.start(prompt)
             try:
                 # A few at a time: each answer holds a branch per weak role until released.
