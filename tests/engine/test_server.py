@@ -439,6 +439,10 @@ def test_a_server_elsewhere_gets_its_markers_from_a_local_copy_of_its_model_file
     assert known == local and not any(marker in known for marker in MARKERS)
     with pytest.raises(ModelLoadError, match=r"served_model_file: .*tiny_c\.gguf has a vocabulary of \d+ tokens, not \d+"):
         component(tiny_models, server.url, served_model_file=str(tiny_models.tiny_c), **settings).invoke(PROMPT)
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)  # nothing writes to it: reading it would wait for ever
+    with pytest.raises(ModelLoadError, match=r"served_model_file: .*fifo\.gguf is not a regular file"):
+        component(tiny_models, server.url, served_model_file=str(fifo), **settings).invoke(PROMPT)
     with pytest.raises(ValueError, match="served_model_file is for a strong model that a llama-server serves"):
         component(tiny_models, str(copy), served_model_file=str(copy))
 

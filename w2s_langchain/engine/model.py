@@ -246,6 +246,8 @@ def marker_token_ids(path: Path, n_vocab: int) -> np.ndarray:
     end-of-generation aside), read from its header without loading the model: for
     a model a llama-server serves. Raises ModelLoadError when the file cannot be
     read or its vocabulary is not of `n_vocab` tokens (then it is not that model)."""
+    if not Path(path).is_file():  # a pipe or a device would block the read, or never end it
+        raise ModelLoadError(f"{path} is not a regular file")
     try:
         with open(path, "rb") as f:
             if f.read(4) != _GGUF_MAGIC:

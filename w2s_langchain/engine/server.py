@@ -566,10 +566,9 @@ class ServerModel:
             except ModelLoadError as err:
                 raise ModelLoadError(f"served_model_file: {err}; give a copy of the file {self.name} serves") from None
         else:
-            path = Path(self.identity.model_path) if self.identity.model_path else None
             try:
-                ids = marker_token_ids(path, self.n_vocab) if path is not None and path.is_file() else []
-            except ModelLoadError:  # a file of that name here, but not the served model
+                ids = marker_token_ids(Path(self.identity.model_path), self.n_vocab) if self.identity.model_path else []
+            except ModelLoadError:  # no such file here, or one of that name that is not the served model
                 ids = []
         return frozenset(int(t) for t in ids if t not in self._end_of_generation)
 
