@@ -285,6 +285,17 @@ def _write_gguf(path: Path, writer: gguf.GGUFWriter, tensors: dict[str, np.ndarr
     return path
 
 
+def _new_writer(path: Path, arch: str, name: str) -> gguf.GGUFWriter:
+    """A writer with what every tiny model's header starts with, whatever its architecture."""
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(N_CTX_TRAIN)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    return writer
+
+
 def write_tiny_model(
     path: str | Path,
     *,
@@ -300,12 +311,7 @@ def write_tiny_model(
     """
     path = Path(path)
     voc = build_vocab(vocab)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(f"tiny-{vocab}-seed{seed}")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(N_CTX_TRAIN)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
+    writer = _new_writer(path, "llama", f"tiny-{vocab}-seed{seed}")
     writer.add_feed_forward_length(N_FF)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
@@ -323,12 +329,7 @@ def write_tiny_recurrent(path: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny ``mamba`` model (recurrent) with vocabulary ``"ab"``."""
     path = Path(path)
     voc = build_vocab("ab")
-    writer = gguf.GGUFWriter(path, "mamba")
-    writer.add_name(f"tiny-mamba-seed{seed}")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(N_CTX_TRAIN)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
+    writer = _new_writer(path, "mamba", f"tiny-mamba-seed{seed}")
     writer.add_ssm_conv_kernel(MAMBA_D_CONV)
     writer.add_ssm_inner_size(MAMBA_D_INNER)
     writer.add_ssm_state_size(MAMBA_D_STATE)
