@@ -1,7 +1,7 @@
 """Quality benchmark: does the weak pair steer the strong model, how well, and at what price?
 
     python benchmarks/quality.py                      # the full plan (many hours on 2 cores; resumable)
-    python benchmarks/quality.py --quick              # 8 held-out prompts per task, headline only (not yet timed)
+    python benchmarks/quality.py --quick              # 8 held-out prompts per task, headline only (6 min, --workers 2)
     python benchmarks/quality.py --tasks plain --headline-prompts 40 --experiments headline
     python benchmarks/quality.py --report             # rewrite the report from the saved rows
 
@@ -10,9 +10,10 @@ Three dev tasks, each with a gold judge the search never sees:
 1. sentiment: gemma-3-270m continues the opening of a review; the `sentiment`
    preset's weak pair (SmolLM2-135M-Instruct told to like warm reviews, or harsh
    ones) steers it. Openings: the 120 written for this benchmark
-   (data/review_openings.jsonl) and the first half of every review snippet of 9
+   (data/review_openings.jsonl), the first half of every review snippet of 9
    words or more in `pang_lee_polarity.cor` (Pang and Lee's sentence polarity data,
-   Rotten Tomatoes snippets) as the gensim package ships it. Gold: VADER compound.
+   Rotten Tomatoes snippets) as the gensim package ships it, and 100 more written
+   openings (data/review_openings_more.jsonl; headline only). Gold: VADER compound.
 2. concise: gemma-3-270m answers a question (data/questions.jsonl); the weak pair
    prefers one short sentence (data/concise.json). Gold: the answer's length in words.
 3. plain: gemma-3-270m continues the first sentence of a news story (the first
@@ -31,11 +32,14 @@ setting; the report is on the split the run names (heldout by default).
 
 Experiments (each at a matched budget B of strong tokens sampled per prompt; B is
 counted in answers' worth, B = k x max_new_tokens):
-  headline  base, bon, cbs, w2s at 4 answers' worth (B = 64 on task 1)
-  budget    bon, cbs, w2s at 2, 4, 8, 16 answers' worth (B = 32 ... 256 on task 1):
+  headline  base, bon, cbs, w2s at 4 answers' worth (B = 64 on task 1), and the
+            remedy the verdict kept (KEPT_REMEDY, what the sentiment and polite presets run)
+  budget    bon, cbs, w2s and the kept remedy at 2, 4, 8, 16 answers' worth (B = 32 ... 256 on task 1,
+            64 ... 512 on tasks 2 and 3):
             the budget curve, and the over-optimization curve (gold, mean proxy V,
             and the answer's mean log-prob per token under the strong model's
-            sampling against plain samples', as pressure grows)
+            sampling against plain samples', as pressure grows); its plain samples
+            and its 4 answers' worth are the headline's searches on its prompts
   remedy    w2s with each remedy switched on, at 4 answers' worth, against the
             headline's w2s on the same prompts
 
@@ -89,12 +93,12 @@ PLAIN = Task("plain", str(DATA / "plain.json"), "lee_background.cor", 32, "Flesc
 TASKS = {t.name: t for t in (SENTIMENT, CONCISE, PLAIN)}
 
 
-def load_prompts(task: Task) -> list[dict[str, str]]:
-    """The prompts written for this benchmark (data/), in file order."""
-    path = DATA / task.prompts_file
+def load_prompts(name: str) -> list[dict[str, str]]:
+    """Prompts written for this benchmark (a file in data/), in file order."""
+    path = DATA / name
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def gensim_data(name: str) -> Path:
@@ -129,7 +133,11 @@ def task_prompts(task: Task) -> list[dict[str, str]]:
             label, *words = line.split()
             if len(words) >= 9:
                 extra.append({"id": f"pl{i:03d}", "text": _first_half(words), "lean": label.removeprefix("__label__")})
-        return load_prompts(task) + extra
+        # The 100 openings written later come last, so every earlier prompt keeps its
+        # split, and only the headline reads them: the budget curve and the remedies
+        # had run on spreads of the earlier prompts, which adding them would move.
+        more = [{**row, "headline_only": True} for row in load_prompts("review_openings_more.jsonl")]
+        return load_prompts(task.prompts_file) + extra + more
     if task is PLAIN:
         stories = gensim_data("lee_background.cor").read_text(encoding="cp1252", errors="replace").splitlines()
         prompts = []
@@ -138,7 +146,7 @@ def task_prompts(task: Task) -> list[dict[str, str]]:
             if len(first) >= 8:
                 prompts.append({"id": f"lee{i:03d}", "text": _first_half(first)})
         return prompts
-    return load_prompts(task)
+    return load_prompts(task.prompts_file)
 
 
 def split_of(index: int) -> str:
@@ -222,6 +230,11 @@ REMEDIES = {
     "w2s UCT": {"selection": "uct"},
     "w2s terminal eos": {"terminal_reward": "eos"},
 }
+# The remedy the verdict kept (its interval above 0 on two tasks, below 0 on none;
+# "Remedies across tasks" in the report): the headline and the budget curve run
+# it beside the faithful w2s, so its gain is also measured on prompts the verdict
+# did not see.
+KEPT_REMEDY = "w2s ensemble"
 ANSWERS_WORTH = (2, 4, 8, 16)  # the budget curve, in answers' worth
 HEADLINE_ANSWERS = 4
 
@@ -234,7 +247,9 @@ def headline_budget(task: Task) -> int:
 def strategy_settings(task: Task, label: str, budget: int) -> dict[str, Any]:
     """Search settings of one strategy (or remedy) at budget B (tokens sampled per prompt)."""
     per_answer = budget // task.max_new_tokens
-    common = {"max_new_tokens": task.max_new_tokens, "seed": SEED}
+    # The ensemble is pinned off (the paper's V) unless a remedy turns it on: a
+    # shipped preset's own default must not change what a strategy's rows mean.
+    common = {"max_new_tokens": task.max_new_tokens, "seed": SEED, "ensemble": False}
     if label == "base":
         return {**common, "strategy": "base"}
     if label == "bon":
@@ -258,7 +273,7 @@ class PlanSize:
     remedies: tuple[str, ...]
 
 
-FULL = PlanSize(tuple(TASKS), ("headline", "budget", "remedy"), "heldout", None, 120, ("sentiment",), 60,
+FULL = PlanSize(tuple(TASKS), ("headline", "budget", "remedy"), "heldout", None, 120, tuple(TASKS), 60,
                 tuple(REMEDIES)[1:])
 QUICK = PlanSize(tuple(TASKS), ("headline",), "heldout", 8, None, (), None, ())
 
@@ -277,12 +292,19 @@ def plan(size: PlanSize) -> list[Job]:
         task = TASKS[name]
         prompts = prompts_of_split(task, size.split)
         if "headline" in size.experiments:
-            add(task, "headline", HEADLINE_ANSWERS, STRATEGIES, spread(prompts, size.headline_prompts))
+            headline = spread(prompts, size.headline_prompts)
+            add(task, "headline", HEADLINE_ANSWERS, STRATEGIES, headline)
+            add(task, "remedy", HEADLINE_ANSWERS, (KEPT_REMEDY,), headline)  # the remedy experiment's own search
+        prompts = [row for row in prompts if not row.get("headline_only")]
         if "budget" in size.experiments and name in size.curve_tasks:
             curve = spread(prompts, size.curve_prompts)
-            add(task, "budget", 1, ("base",), curve)  # plain samples: the curve's zero-pressure point
+            # Plain samples (the zero-pressure point) and the point at the headline's
+            # budget are the headline's own searches: the same settings and seed.
+            add(task, "headline", HEADLINE_ANSWERS, STRATEGIES, curve)
+            add(task, "remedy", HEADLINE_ANSWERS, (KEPT_REMEDY,), curve)
             for answers in ANSWERS_WORTH:
-                add(task, "budget", answers, STRATEGIES[1:], curve)
+                if answers != HEADLINE_ANSWERS:
+                    add(task, "budget", answers, (*STRATEGIES[1:], KEPT_REMEDY), curve)
         if "remedy" in size.experiments:
             remedy_prompts = spread(prompts, size.remedy_prompts)
             add(task, "headline", HEADLINE_ANSWERS, ("w2s",), remedy_prompts)  # the faithful search to compare with
@@ -444,16 +466,17 @@ def paired_table(rows, task: Task, experiment: str, budget: int, comparisons, rn
     return lines
 
 
-def gain_ratio(rows, task: Task, budget: int) -> str | None:
-    """The goal's test: w2s's gold gain over base against cbs's, on shared prompts."""
-    by_label, shared = rows_by_label(rows, task, "headline", budget, STRATEGIES)
-    if len(by_label) < 4 or not shared:
+def gain_ratio(rows, task: Task, budget: int, label: str = "w2s") -> str | None:
+    """The goal's test: a search's gold gain over base against cbs's, on shared prompts."""
+    labels = ("base", "cbs", label)
+    by_label, shared = rows_by_label(rows, task, "headline", budget, labels)
+    if len(by_label) < 3 or not shared:
         return None
-    mean = {label: np.mean([by_label[label][p]["gold"] for p in shared]) for label in STRATEGIES}
+    mean = {name: np.mean([by_label[name][p]["gold"] for p in shared]) for name in labels}
     sign = 1 if task.higher_is_better else -1
-    w2s_gain, cbs_gain = sign * (mean["w2s"] - mean["base"]), sign * (mean["cbs"] - mean["base"])
-    ratio = f"{w2s_gain / cbs_gain:.2f}x" if cbs_gain > 0 else "undefined (cbs gains nothing)"
-    return f"gold gain over base: w2s {w2s_gain:+.3f}, cbs {cbs_gain:+.3f}; w2s / cbs = {ratio} (goal: >= 1.15x)"
+    gain, cbs_gain = sign * (mean[label] - mean["base"]), sign * (mean["cbs"] - mean["base"])
+    ratio = f"{gain / cbs_gain:.2f}x" if cbs_gain > 0 else "undefined (cbs gains nothing)"
+    return f"gold gain over base: {label} {gain:+.3f}, cbs {cbs_gain:+.3f}; {label} / cbs = {ratio} (goal: >= 1.15x)"
 
 
 def curve_rows(rows, task: Task) -> tuple[list[int], set[str]]:
@@ -548,6 +571,109 @@ def proxy_gold_agreement(rows: list[dict], task: Task) -> tuple[int, float]:
     return pairs, (agree / pairs if pairs else 0.0)
 
 
+def with_headline_searches(rows: list[dict], experiment: str, labels, source: str = "headline") -> list[dict]:
+    """An experiment's rows, plus the `source` experiment's searches of `labels`
+    (the headline's, by default) read as its own: they are the same searches
+    (settings, budget and seed), run once."""
+    return [r for r in rows if r["experiment"] == experiment] + [
+        {**r, "experiment": experiment} for r in rows if r["experiment"] == source and r["label"] in labels
+    ]
+
+
+def verdict_prompts(task_rows: list[dict]) -> set[str]:
+    """The prompts the remedy verdict was made on: those every remedy that ran
+    (the kept one aside, which also runs on the headline's prompts) ran on."""
+    sets = [{r["prompt_id"] for r in task_rows if r["experiment"] == "remedy" and r["label"] == label}
+            for label in REMEDIES if label not in ("w2s", KEPT_REMEDY)]
+    sets = [ids for ids in sets if ids] or [{r["prompt_id"] for r in task_rows if r["experiment"] == "remedy"}]
+    return set.intersection(*sets)
+
+
+def kept_remedy_curve(rows: list[dict], task: Task, rng) -> list[str]:
+    """The kept remedy against the faithful w2s at each budget, paired, on the
+    prompts both ran at every budget, and the goal's test: does gold fall from
+    the smallest budget to the largest?"""
+    # Its point at the headline's budget is the remedy experiment's search, w2s's the headline's
+    # (the budget rows come twice; rows_by_label keeps one per prompt).
+    rows = with_headline_searches(rows, "budget", ("w2s",)) + with_headline_searches(rows, "budget", (KEPT_REMEDY,), "remedy")
+    budgets = sorted({r["budget"] for r in rows if r["experiment"] == "budget" and r["label"] == KEPT_REMEDY})
+    at = {b: rows_by_label(rows, task, "budget", b, ("w2s", KEPT_REMEDY)) for b in budgets}
+    budgets = [b for b in budgets if len(at[b][0]) == 2]
+    prompts = sorted(set.intersection(*(set(at[b][1]) for b in budgets))) if budgets else []
+    if len(budgets) < 2 or not prompts:
+        return []
+    sign = 1 if task.higher_is_better else -1
+    gold = {(b, label): np.array([at[b][0][label][p]["gold"] for p in prompts]) for b in budgets for label in at[b][0]}
+    lines = [f"| B | w2s: mean {task.gold_name} | {KEPT_REMEDY}: mean {task.gold_name} | "
+             f"{KEPT_REMEDY} - w2s (> 0: the remedy is better) [95% CI] |", "|---|---|---|---|"]
+    for b in budgets:
+        w2s, kept = gold[b, "w2s"], gold[b, KEPT_REMEDY]
+        lines.append(f"| {b} | {w2s.mean():.3f} | {kept.mean():.3f} | {_fmt(*bootstrap_mean(sign * (kept - w2s), rng))} |")
+    low, high = budgets[0], budgets[-1]
+    lines += ["", f"{len(prompts)} prompts at every budget."]
+    for label in ("w2s", KEPT_REMEDY):
+        mean, lo, hi = bootstrap_mean(sign * (gold[high, label] - gold[low, label]), rng)
+        verdict = "falls" if hi < 0 else "rises" if lo > 0 else "neither rises nor falls significantly"
+        lines.append(f"- {label}, B = {low} to {high} (> 0: better at the larger budget): {_fmt(mean, lo, hi)}: gold {verdict}.")
+    return lines
+
+
+def remedy_verdicts(rows: list[dict], rng) -> list[str]:
+    """The rule a remedy must pass to become a preset's default: its paired gold
+    difference against the faithful w2s has an interval above 0 on at least two
+    tasks, and below 0 on none."""
+    found = [label for label in tuple(REMEDIES)[1:] if any(r["label"] == label for r in rows)]
+    if not found:
+        return []
+    # Every remedy on the same prompts: the kept remedy's later searches on more prompts do not move its verdict.
+    seen = {name: verdict_prompts([r for r in rows if r["task"] == name]) for name in TASKS}
+    verdict_rows = [r for r in rows if r["experiment"] != "remedy" or r["prompt_id"] in seen[r["task"]]]
+    lines = ["## Remedies across tasks", "",
+             "Each remedy's paired gold difference against the faithful w2s on the same prompts (> 0: the remedy is "
+             "better) [95% CI], and the rule's verdict: a remedy becomes a preset's default only if its interval is "
+             "above 0 on at least two tasks and below 0 on none.", "",
+             "| remedy | " + " | ".join(f"{t.name} ({t.gold_name})" for t in TASKS.values()) + " | verdict |",
+             "|---|" + "---|" * len(TASKS) + "---|"]
+    for label in found:
+        cells, raised, lowered = [], 0, 0
+        for task in TASKS.values():
+            task_rows = with_headline_searches([r for r in verdict_rows if r["task"] == task.name], "remedy", ("w2s",))
+            by_label, shared = rows_by_label(task_rows, task, "remedy", headline_budget(task), ("w2s", label))
+            if len(by_label) < 2 or not shared:
+                cells.append("not run")
+                continue
+            sign = 1 if task.higher_is_better else -1
+            diff = sign * np.array([by_label[label][p]["gold"] - by_label["w2s"][p]["gold"] for p in shared])
+            mean, low, high = bootstrap_mean(diff, rng)
+            raised, lowered = raised + (low > 0), lowered + (high < 0)
+            cells.append(f"{_fmt(mean, low, high)} on {len(shared)}")
+        verdict = "default" if raised >= 2 and not lowered else "stays a switch"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines + [""]
+
+
+def kept_remedy_headline(task_rows: list[dict], task: Task, rng) -> list[str]:
+    """The headline with the kept remedy beside the four strategies, and its gain
+    over the faithful w2s on the prompts the remedy verdict did not see."""
+    budget = headline_budget(task)
+    rows = with_headline_searches(task_rows, "headline", (KEPT_REMEDY,), "remedy")
+    main = table(rows, task, "headline", budget, (*STRATEGIES, KEPT_REMEDY), rng)
+    if not main or f"| {KEPT_REMEDY} |" not in "\n".join(main):
+        return []
+    versus = [(KEPT_REMEDY, other) for other in ("w2s", "cbs", "bon", "base")]
+    lines = [f"#### The kept remedy ({KEPT_REMEDY}) on the headline's prompts", "", *main, "",
+             *paired_table(rows, task, "headline", budget, versus, rng), ""]
+    ratio = gain_ratio(rows, task, budget, KEPT_REMEDY)
+    if ratio:
+        lines += [ratio, ""]
+    seen = verdict_prompts(task_rows)
+    unseen = paired_table([r for r in rows if r["prompt_id"] not in seen], task, "headline", budget,
+                          [(KEPT_REMEDY, "w2s")], rng)
+    if unseen:
+        lines += ["On the prompts the remedy verdict did not see:", "", *unseen, ""]
+    return lines
+
+
 def report(rows: list[dict], header: list[str], out_dir: Path) -> str:
     rng = np.random.default_rng(SEED)
     lines = ["# Quality benchmark", "", *header, ""]
@@ -566,20 +692,24 @@ def report(rows: list[dict], header: list[str], out_dir: Path) -> str:
             ratio = gain_ratio(task_rows, task, headline)
             if ratio:
                 lines += [ratio, ""]
-        curve, data = curve_table(task_rows, task, rng)
+            lines += kept_remedy_headline(task_rows, task, rng)
+        curve, data = curve_table(with_headline_searches(task_rows, "budget", STRATEGIES), task, rng)
         if curve:
             lines += ["### Budget and over-optimization curves", "", *curve, ""]
             plot = out_dir / f"quality_{task.name}_curves.png"
             plot_curves(task, data, plot)
             lines += [f"![budget and over-optimization curves]({plot.name})", ""]
-        # The faithful w2s of the remedy comparison is the headline's search (the same settings and seed).
-        remedy_rows = [r for r in task_rows if r["experiment"] == "remedy"]
-        remedy_rows += [{**r, "experiment": "remedy"} for r in task_rows if r["experiment"] == "headline" and r["label"] == "w2s"]
+        kept_curve = kept_remedy_curve(task_rows, task, rng)
+        if kept_curve:
+            lines += [f"#### The kept remedy ({KEPT_REMEDY}) along the budget", "", *kept_curve, ""]
+        # The faithful w2s of the remedy comparison is the headline's search.
+        remedy_rows = with_headline_searches(task_rows, "remedy", ("w2s",))
         remedies = [label for label in REMEDIES if any(r["label"] == label for r in remedy_rows)]
         if len(remedies) > 1:
             lines += ["### Remedies (w2s, each switch alone)", ""]
             lines += table(remedy_rows, task, "remedy", headline, remedies, rng) + [""]
             lines += paired_table(remedy_rows, task, "remedy", headline, [(r, "w2s") for r in remedies[1:]], rng) + [""]
+    lines += remedy_verdicts(rows, rng)
     lines += ["## Does the proxy agree with the gold judge?", "",
               "Over pairs of answers to the same prompt (any two strategies, budgets or remedies) whose proxy values "
               "and gold scores both differ: how often the answer with the higher proxy value is also the better one by "
@@ -597,13 +727,13 @@ def report(rows: list[dict], header: list[str], out_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 held-out prompts per task, headline only (96 searches)")
+    parser.add_argument("--quick", action="store_true", help="8 held-out prompts per task, headline only (120 searches)")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks to run (default: all)")
     parser.add_argument("--experiments", nargs="+", choices=("headline", "budget", "remedy"), help="default: all")
     parser.add_argument("--split", choices=("heldout", "tune", "all"), help="prompts to run on (default: heldout)")
     parser.add_argument("--headline-prompts", type=int, help="prompts per task for the headline (default: the whole split)")
     parser.add_argument("--curve-prompts", type=int, help="prompts for the budget curve (default 120)")
-    parser.add_argument("--curve-tasks", nargs="+", choices=tuple(TASKS), help="tasks with a budget curve (default: sentiment)")
+    parser.add_argument("--curve-tasks", nargs="+", choices=tuple(TASKS), help="tasks with a budget curve (default: all)")
     parser.add_argument("--remedy-prompts", type=int, help="prompts per task for the remedies (default 60)")
     parser.add_argument("--remedies", nargs="+", choices=tuple(REMEDIES)[1:], help="remedies to run (default: all)")
     parser.add_argument("--name", help="results name (default: quality, or quality_quick)")

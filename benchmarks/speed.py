@@ -1,7 +1,7 @@
 """Speed benchmark: what a search costs and where its time goes, side by side in one run.
 
     python benchmarks/speed.py [--before PATH] [--prompts 2] [--naive-prompts 1] [--iterations 60]
-                               [--threads 1] [--strong NAME ...]
+                               [--threads 1] [--strong NAME ...] [--sections ensemble ...]
 
 Every search runs in a worker process (this script with --worker) that imports
 w2s_langchain from one source tree: this checkout, and with --before another
@@ -28,7 +28,11 @@ w2s with m iterations of K=3 chunks of L=4 tokens, answers of up to 64 tokens:
   (e) the P curve of `parallel_leaves` (1, 2, 4, 8) on the default preset, this
       checkout only: wall time, steps, tokens per llama_decode (its quality:
       benchmarks/parallel_leaves.py).
-Writes benchmarks/results/speed.md.
+  (f) the ensemble's cost: the default preset's search as shipped (V averaged over
+      three prompt pairs) against its main pair alone (`ensemble=False`, the
+      paper's V), this checkout only, taking turns on each prompt.
+Writes benchmarks/results/speed.md; with --sections, only those sections, into
+benchmarks/results/speed_<sections>.md.
 
 A section is a function of (bench, out) listed in SECTIONS. A job's "settings"
 are SearchSettings overrides, any the measured tree knows (a curve over
@@ -448,7 +452,36 @@ def leaf_parallelism_curve(bench: Bench, out) -> None:
 
 
 P_CURVE = (1, 2, 4, 8)
-SECTIONS = (where_time_goes, strategies_at_a_matched_budget, peak_memory, leaf_parallelism_curve)
+
+
+def ensemble_cost(bench: Bench, out) -> None:
+    """(f): the default preset's search with its ensemble and with the main pair
+    alone, this checkout only (the two take turns, the first alternating)."""
+    prompts = PROMPTS[: bench.args.prompts]
+    runs: dict[bool, list[dict]] = {True: [], False: []}
+    for i, prompt in enumerate(prompts):
+        for on in (True, False) if i % 2 == 0 else (False, True):
+            runs[on].append(bench.after(job(prompt, {"seed": 0, "ensemble": on})))
+    out("\n## (f) The ensemble's cost\n")
+    out(f"Preset `{PRESET}` with its own settings (seed 0, {len(prompts)} prompts, summed). Each V gives a different "
+        "tree, so the strong tokens sampled can differ too. Quality: benchmarks/results/quality.md.\n")
+    out("| V | wall time, s | vs the main pair alone | weak tokens read | strong tokens sampled | iterations |")
+    out("|---|---|---|---|---|---|")
+    total = {on: sum(r["cost"]["seconds"]["total"] for r in rs) for on, rs in runs.items()}
+    for on, name in ((False, "main pair alone (`ensemble=False`)"), (True, "three pairs (as shipped)")):
+        rs = runs[on]
+        out(f"| {name} | {total[on]:.1f} | **{total[on] / total[False]:.2f}x** | "
+            f"{sum(r['cost']['weak_tokens_scored'] for r in rs)} | {sum(r['cost']['strong_tokens_sampled'] for r in rs)} | "
+            f"{sum(r['cost']['iterations'] for r in rs)} |")
+
+
+SECTIONS = {
+    "time": where_time_goes,
+    "strategies": strategies_at_a_matched_budget,
+    "memory": peak_memory,
+    "parallel": leaf_parallelism_curve,
+    "ensemble": ensemble_cost,
+}
 
 
 def main() -> None:
@@ -460,6 +493,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--strong", action="append",
                         help="strong model(s) for (a)-(c): default the preset's and any pulled larger one")
+    parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), help="sections to run (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -483,14 +517,15 @@ def main() -> None:
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     out(f"- preset `{PRESET}`; weak pair: SmolLM2-135M-Instruct in both roles")
     try:
-        for section in SECTIONS:
-            section(bench, out)
+        for name in args.sections or SECTIONS:
+            SECTIONS[name](bench, out)
     finally:
         bench.close()
     out(f"\n(the benchmark ran {(time.perf_counter() - started) / 60:.1f} min; load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; this process peaked at "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB RSS)")
-    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    name = "speed" + ("_" + "_".join(args.sections) if args.sections else "")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,21 @@ def test_ensemble_prompts_are_not_rendered_while_the_ensemble_is_off(tiny_models
     assert aligner.search(PROMPT).text
     with pytest.raises(ValueError, match="no chat template"):
         aligner.search(PROMPT, config.search.with_(ensemble=True))
+
+
+def test_a_weak_prompt_of_ones_own_drops_the_presets_ensemble():
+    """The shipped presets turn the ensemble on with paraphrases of their own
+    preference: a caller's own aligned or reference prompt is another preference,
+    so those paraphrases (and the ensemble) go; asking for the ensemble anyway is
+    a clear error, not a silent mix of two preferences."""
+    from w2s_langchain.service.aligner import Aligner, load_preset
+
+    preset = load_preset("sentiment")
+    assert preset.search.ensemble and len(preset.ensemble_prompts) == 2
+    same = preset.with_overrides(models={"weak": "smollm2-135m-instruct"}, search={"iterations": 5})
+    assert same.search.ensemble and same.ensemble_prompts == preset.ensemble_prompts
+    own = preset.with_overrides(prompts={"weak_ref": {"format": "chat", "system": "You write dull reviews."}})
+    assert not own.search.ensemble and own.ensemble_prompts == ()
+    insisted = preset.with_overrides(prompts={"weak": {"format": "chat", "system": "Be kind."}}, search={"ensemble": True})
+    with pytest.raises(ValueError, match="needs `ensemble_prompts`"):
+        Aligner(insisted).values("The film was", [" good."])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -21,7 +22,7 @@ OPENING = "The hotel room was"
 @pytest.fixture(scope="module")
 def aligner(packaged_models):
     config = load_preset("sentiment")
-    runtime = dataclasses.replace(config.runtime, n_threads=1, n_ctx=1024)
+    runtime = dataclasses.replace(config.runtime, n_threads=1)
     return Aligner(dataclasses.replace(config, runtime=runtime))
 
 
@@ -46,6 +47,25 @@ def test_every_strategy_on_the_default_preset(aligner, strategy, settings):
     models = aligner._models
     assert models.strong.n_resident == 0
     assert all(c.n_resident == 0 for c in models.proxy.contexts)
+
+
+@pytest.mark.parametrize("name, on_by_default", [("sentiment", True), ("polite", True), ("chat", False)])
+def test_each_shipped_preset_carries_an_ensemble_that_runs(packaged_models, name, on_by_default):
+    """The remedy the quality benchmark kept: the sentiment and polite presets turn it
+    on, the chat preset (long RAG prompts, read again by every pair) carries it for
+    `ensemble=True`. V reads the ensemble's prompt pairs beside the main one, and a
+    search with it runs end to end and frees all it held."""
+    config = load_preset(name)
+    assert config.search.ensemble is on_by_default and len(config.ensemble_prompts) == 2
+    config = dataclasses.replace(config, search=config.search.with_(ensemble=True))
+    aligner = Aligner(dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, n_threads=1, n_ctx=1024)))
+    answer = " and the staff were kind to us."
+    (on,) = aligner.values(OPENING, [answer], config.search)
+    (off,) = aligner.values(OPENING, [answer], config.search.with_(ensemble=False))
+    assert math.isfinite(on) and math.isfinite(off) and on != off
+    result = aligner.search(OPENING, config.search.with_(iterations=2, max_new_tokens=4, seed=1))
+    assert result.text and result.cost.weak_tokens_scored > 0
+    assert all(c.n_resident == 0 for c in aligner._models.proxy.contexts)
 
 
 def test_one_weak_model_in_both_roles_is_loaded_once(aligner):

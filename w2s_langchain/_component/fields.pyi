@@ -118,7 +118,8 @@ class AlignedModelSettings(BaseModel):
     answer tokens it read, so V does not grow with length alone (for answers
     that end on their own)."""
     ensemble: bool | None = ...
-    """Remedy, off by default: V averages the log-ratios of the config's
+    """Remedy, off here (the paper's V) and on in the sentiment and polite presets, the
+    one remedy the quality benchmark kept: V averages the log-ratios of the config's
     `ensemble_prompts` pairs (paraphrases of the preference) with the main pair's,
     so no single prompt's quirks can be exploited. Costs one weak reading per pair."""
     timeout: float | None = ...

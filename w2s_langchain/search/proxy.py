@@ -7,7 +7,8 @@ tokenizes prompt + answer itself, so the strong model may use another tokenizer.
 `log pi(y | x)` sums the log-probs of the tokens of tok(x + y) after the longest
 common prefix of tok(x) and tok(x + y).
 
-Two switches change V (both off by default, the paper's V): an ensemble of
+Two switches change V (both off in SearchSettings, the paper's V; the sentiment
+and polite presets turn the ensemble on): an ensemble of
 several aligned/reference prompt pairs, whose log-ratios are averaged, so no one
 prompt's quirks decide; and length normalization, each role's log-prob divided
 by the number of answer tokens it read, so a long answer does not gather value

@@ -282,17 +282,26 @@ class AlignerConfig:
         runtime: Mapping[str, Any] | None = None,
     ) -> AlignerConfig:
         """A copy with some settings changed (each checked); a None value keeps the
-        config's own. `models` and `prompts` are keyed by role: strong, weak, weak_ref."""
+        config's own. `models` and `prompts` are keyed by role: strong, weak, weak_ref.
+        A new weak or weak_ref prompt drops the preset's `ensemble_prompts` and,
+        unless `search` sets it, its ensemble: they paraphrase the preset's own
+        preference, which they would pull the new one back toward."""
         models, prompts = models or {}, prompts or {}
         roles = {}
         for name in ("strong", "weak", "weak_ref"):
             role, prompt = getattr(self, name), prompts.get(name)
             model = models.get(name)  # "" is a (bad) model name, not "keep the preset's"
             roles[name] = Role(role.model if model is None else model, PromptFormat(**prompt) if prompt is not None else role.prompt)
+        search = _given(search)
+        ensemble_prompts = self.ensemble_prompts
+        if (roles["weak"].prompt, roles["weak_ref"].prompt) != (self.weak.prompt, self.weak_ref.prompt):
+            ensemble_prompts = ()
+            search.setdefault("ensemble", False)
         new_runtime = replace(self.runtime, **_given(runtime))
         from_file = self.strong_from_preset_file and models.get("strong") is None
         return replace(
-            self, search=self.search.with_(**_given(search)), runtime=new_runtime, strong_from_preset_file=from_file, **roles
+            self, search=self.search.with_(**search), runtime=new_runtime, strong_from_preset_file=from_file,
+            ensemble_prompts=ensemble_prompts, **roles
         )
 
     def strong_model(self) -> Model | ServerModel:
